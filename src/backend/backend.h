@@ -1,0 +1,222 @@
+/* backend.h: the op table the model calls. Every backend implements all of it.
+ *
+ * The CPU backend (backend/cpu) is the ground truth: plain loops in real_t
+ * (float, or double when built with NMOE_REAL_DOUBLE for gradient checks).
+ * The CUDA backend (backend/cuda) stores ACT buffers in bf16 and computes in
+ * fp32; it is checked against the CPU backend op by op.
+ *
+ * Buffers are opaque device pointers of three kinds:
+ *   ACT  activations, weights and their gradients: real_t on CPU, bf16 on CUDA
+ *   F32  fp32 side values (norm rstd, attention lse, router scores/weights,
+ *        optimizer moments, master weights): real_t on CPU, float on CUDA
+ *   I32  int32 (token ids, expert ids, offsets)
+ * Sizes in bytes are n * be->size[kind]. Matrices are row-major. Shapes are
+ * written [rows, cols]; N is the number of tokens (B sequences of T tokens).
+ *
+ * Conventions every op follows:
+ *  - "dX +=" means the op accumulates into dX; the model zeroes gradients at
+ *    the start of each step, so weight-gradient ops always accumulate.
+ *  - Ops named *_bwd never modify their forward inputs.
+ *  - Results are deterministic: the same inputs give bit-identical outputs
+ *    (no atomics whose order changes results; fixed reduction orders).
+ *  - Ops are asynchronous on devices; anything returning a host value
+ *    (double) synchronises. */
+#ifndef NMOE_BACKEND_H
+#define NMOE_BACKEND_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+typedef enum { BUF_ACT = 0, BUF_F32 = 1, BUF_I32 = 2 } BufKind;
+
+/* Attention problem. q/k/v/o rows are tokens; row strides (in elements) let
+ * q, k and v live inside one packed projection output. dq/dk/dv use the same
+ * strides as q/k/v. o and do are contiguous [N, Hq*dv]. Query head h reads
+ * key/value head h / (Hq/Hkv) (GQA). Causal always; window > 0 also hides keys
+ * more than window-1 positions back (key j visible to query i iff
+ * i - window < j <= i). */
+typedef struct AttnShape {
+  int B, T;       /* sequences, tokens per sequence (N = B*T) */
+  int Hq, Hkv;    /* query heads, key/value heads (Hq % Hkv == 0) */
+  int dqk, dv;    /* head sizes of q/k and of v/o */
+  int ldq, ldk, ldv; /* row strides of q, k, v (elements) */
+  int window;     /* 0 = full causal */
+  float scale;    /* softmax scale, usually dqk^-0.5 */
+} AttnShape;
+
+/* One AdamW update over a contiguous range (one optimizer group). The gradient
+ * is first multiplied by grad_scale (1, or the clip factor). Then, decoupled:
+ *   p -= lr*wd*p;  m = b1*m + (1-b1)*g;  v = b2*v + (1-b2)*g*g;
+ *   p -= lr * (m/bc1) / (sqrt(v/bc2) + eps)
+ * with bc1 = 1-b1^t, bc2 = 1-b2^t. With a master copy (F32), the update runs on
+ * the master and p receives its rounding (stochastic rounding when
+ * stochastic_seed != 0 and there is no master). */
+typedef struct AdamParams {
+  float lr, b1, b2, eps, wd, bc1, bc2, grad_scale;
+  uint64_t stochastic_seed;
+} AdamParams;
+
+/* grouped_gemm modes (per expert e owning rows [off[e], off[e+1])):
+ *   GG_FWD: Y[rows, N]   = X[rows, K] @ W[e]          W is [E, K, N]
+ *   GG_DX:  dX[rows, K]  = dY[rows, N] @ W[e]^T       (writes, no accumulate)
+ *   GG_DW:  dW[e] [K, N] += X[rows, K]^T @ dY[rows, N] (experts with no rows
+ *           are left unchanged) */
+enum { GG_FWD = 0, GG_DX = 1, GG_DW = 2 };
+
+typedef struct Backend Backend;
+struct Backend {
+  const char *name;  /* "cpu" or "cuda" */
+  size_t size[3];    /* bytes per element of BUF_ACT, BUF_F32, BUF_I32 */
+  void *impl;        /* backend-private state */
+
+  /* ---- memory ---- */
+  void *(*alloc)(Backend *be, size_t bytes); /* zero-filled; fatal when out of memory */
+  void (*free)(Backend *be, void *p);
+  void (*zero)(Backend *be, void *p, size_t bytes);
+  void (*copy)(Backend *be, void *dst, const void *src, size_t bytes);
+  void (*upload)(Backend *be, void *dst, const void *host, size_t bytes);   /* raw bytes */
+  void (*download)(Backend *be, void *host, const void *src, size_t bytes); /* raw bytes, syncs */
+  /* Host float <-> buffer of kind k (ACT/F32; converts to the storage type). */
+  void (*put)(Backend *be, void *dst, BufKind k, const float *host, size_t n);
+  void (*get)(Backend *be, float *host, BufKind k, const void *src, size_t n);
+  void (*sync)(Backend *be);
+  void (*destroy)(Backend *be);
+
+  /* ---- dense math ---- */
+  /* C[M,N] = alpha * op(A) @ op(B) + beta * C.
+   * op(A) = A stored [M,K], or A^T with A stored [K,M] when transA.
+   * op(B) = B stored [K,N], or B^T with B stored [N,K] when transB.
+   * A, B are ACT; C is ACT, or F32 when c_f32. Accumulation in fp32. */
+  void (*gemm)(Backend *be, void *C, const void *A, const void *B, int M, int N, int K,
+               int transA, int transB, float alpha, float beta, int c_f32);
+  /* Per-expert GEMMs in one call (see GG_* above). off is I32 [E+1] on the
+   * device with off[0] = 0, off[E] = M; off_host is the same on the host. */
+  void (*grouped_gemm)(Backend *be, int mode, void *out, const void *a, const void *b,
+                       const int32_t *off, const int32_t *off_host, int E, int M, int N, int K);
+  /* y = a + b elementwise (y may alias a or b). */
+  void (*add)(Backend *be, void *y, const void *a, const void *b, size_t n);
+  /* Sum of squares of an ACT buffer, in double on the host (deterministic). */
+  double (*sumsq)(Backend *be, const void *x, size_t n);
+
+  /* ---- embedding ---- */
+  /* y[n,:] = scale * table[tok[n], :]. tok I32 [N], table [V,D], y [N,D]. */
+  void (*embed_fwd)(Backend *be, void *y, const int32_t *tok, const void *table, int N, int D,
+                    float scale);
+  /* dtable[tok[n], :] += scale * dy[n, :], summed in token order per row. */
+  void (*embed_bwd)(Backend *be, void *dtable, const int32_t *tok, const void *dy, int N, int D,
+                    int V, float scale);
+
+  /* ---- RMSNorm ---- */
+  /* y[n,:] = x[n,:] * rstd[n] * w, rstd[n] = 1/sqrt(mean(x[n,:]^2) + eps).
+   * x rows have stride ldx, y rows stride ldy; rstd F32 [N]. */
+  void (*rmsnorm_fwd)(Backend *be, void *y, void *rstd, const void *x, const void *w, int N,
+                      int D, int ldx, int ldy, float eps);
+  /* dx (stride ldx) = or += (accumulate) d/dx; dw += d/dw. dy has stride ldy. */
+  void (*rmsnorm_bwd)(Backend *be, void *dx, void *dw, const void *dy, const void *x,
+                      const void *w, const void *rstd, int N, int D, int ldx, int ldy,
+                      int accumulate);
+
+  /* ---- RoPE (rotate-half, non-interleaved) ---- */
+  /* In place on x[n, h*hs + off + i] for i < rd, h < H, n < N (row stride ldx).
+   * Position of row n is n % T. cos/sin are F32 [T_table, rd/2], T <= T_table.
+   * y[i] = x[i]*c - x[i+rd/2]*s; y[i+rd/2] = x[i+rd/2]*c + x[i]*s (i < rd/2).
+   * inverse applies the transpose (rotation by -angle): the backward. */
+  void (*rope)(Backend *be, void *x, const void *cos, const void *sin, int N, int T, int H,
+               int ldx, int hs, int off, int rd, int inverse);
+
+  /* ---- attention ---- */
+  /* o [N, Hq*dv] = softmax(scale * q k^T + causal/window mask) v, per sequence
+   * and head; lse F32 [B, Hq, T] = log-sum-exp of the scaled, masked scores. */
+  void (*attn_fwd)(Backend *be, void *o, void *lse, const void *q, const void *k,
+                   const void *v, const AttnShape *s);
+  /* dq, dk, dv (same strides as q, k, v) are written (not accumulated);
+   * columns outside the q/k/v regions of a packed buffer are left unchanged. */
+  void (*attn_bwd)(Backend *be, void *dq, void *dk, void *dv, const void *dout, const void *q,
+                   const void *k, const void *v, const void *o, const void *lse,
+                   const AttnShape *s);
+  /* MLA key/value assembly. kv [N, H*(dn+dv)] holds per head [k_nope | v];
+   * kr is the shared rope key (row stride ldkr, dr columns).
+   *   k [N, H, dn+dr] = [kv_nope_h | kr];  v [N, H, dv] = kv_v_h */
+  void (*mla_kv_split)(Backend *be, void *k, void *v, const void *kv, const void *kr, int ldkr,
+                       int N, int H, int dn, int dr, int dv);
+  /* Backward: dkv written; dkr (row stride ldkr) = sum over heads of dk[...dn:]. */
+  void (*mla_kv_split_bwd)(Backend *be, void *dkv, void *dkr, int ldkr, const void *dk,
+                           const void *dv, int N, int H, int dn, int dr, int dv_dim);
+
+  /* ---- SwiGLU ---- */
+  /* gu [M, 2F] holds [gate | up] per row; h [M, F] = silu(gate) * up. */
+  void (*swiglu_fwd)(Backend *be, void *h, const void *gu, int M, int F);
+  /* dgu [M, 2F] written from dh [M, F]. */
+  void (*swiglu_bwd)(Backend *be, void *dgu, const void *dh, const void *gu, int M, int F);
+
+  /* ---- router ---- */
+  /* logits = route_scale * (x @ wg^T) in fp32, scores = sigmoid(logits) (F32 [N,E]);
+   * idx (I32 [N,K]) = top-k of scores + bias (F32 [E]), in descending order of
+   * biased score, ties to the lower expert id; w (F32 [N,K]) = chosen unbiased
+   * scores / their sum. counts (I32 [E]) = assignments per expert.
+   * imp (F32 [E], may be NULL) = sum over tokens of scores / row sum (for the
+   * switch-style aux loss). x [N,D] ACT, wg [E,D] ACT. */
+  void (*router_fwd)(Backend *be, void *scores, int32_t *idx, void *w, int32_t *counts,
+                     void *imp, const void *x, const void *wg, const void *bias, int N, int D,
+                     int E, int K, float route_scale);
+  /* From dw (F32 [N,K]) through the normalisation and sigmoid to the logits,
+   * plus, when aux_coef != 0, the aux loss term aux_coef * sum_i f_i * s_ti/S_t
+   * per token (f = load_frac F32 [E], S_t = row sum of scores). Then
+   * dx [N,D] += dlogits @ wg * route_scale and dwg [E,D] += dlogits^T @ x * route_scale. */
+  void (*router_bwd)(Backend *be, void *dx, void *dwg, const void *dw, const void *scores,
+                     const int32_t *idx, const void *x, const void *wg, int N, int D, int E,
+                     int K, float route_scale, float aux_coef, const void *load_frac);
+
+  /* ---- MoE permutation (single device) ---- */
+  /* Stable sort of the N*K (token, slot) pairs p = t*K + k by expert idx[p]:
+   * off (I32 [E+1]) expert row ranges, row_of (I32 [N*K]) sorted position of
+   * pair p, pair_of (I32 [N*K]) pair at each sorted position. Within an expert
+   * rows are in increasing pair order. */
+  void (*moe_sort)(Backend *be, int32_t *off, int32_t *row_of, int32_t *pair_of,
+                   const int32_t *idx, int N, int K, int E);
+  /* xe [M=N*K, D]: xe[m,:] = x[pair_of[m] / K, :]. */
+  void (*moe_gather)(Backend *be, void *xe, const void *x, const int32_t *pair_of, int N, int K,
+                     int D);
+  /* y[t,:] = (or += when accumulate) sum_k w[t,k] * ye[row_of[t*K+k], :],
+   * k in increasing order, fp32 accumulation. */
+  void (*moe_combine)(Backend *be, void *y, const void *ye, const void *w,
+                      const int32_t *row_of, int N, int K, int D, int accumulate);
+  /* dye[row_of[t*K+k], :] = w[t,k] * dy[t,:]; dw (F32 [N,K]) = <dy[t], ye[row_of[t*K+k]]>. */
+  void (*moe_combine_bwd)(Backend *be, void *dye, void *dw, const void *dy, const void *ye,
+                          const void *w, const int32_t *row_of, int N, int K, int D);
+  /* dx[t,:] = (or +=) sum_k dxe[row_of[t*K+k], :], k in increasing order. */
+  void (*moe_gather_bwd)(Backend *be, void *dx, const void *dxe, const int32_t *row_of, int N,
+                         int K, int D, int accumulate);
+
+  /* ---- loss ---- */
+  /* Fused lm_head + cross-entropy; never holds fp32 logits for all N rows.
+   * logits[n,:] = scale * h[n,:] @ W^T (W [V,D]); loss_n = logsumexp(logits[n]) -
+   * logits[n, targets[n]]; rows with targets[n] == mask_id are skipped
+   * (mask_id < 0: none). Returns the sum of loss_n over kept rows (double).
+   * When dh != NULL: dlogits = grad_scale * (softmax - onehot) on kept rows,
+   * dh [N,D] = scale * dlogits @ W (written), dW += scale * dlogits^T @ h. */
+  double (*xent)(Backend *be, void *dh, void *dW, const void *h, const void *W,
+                 const int32_t *targets, int N, int D, int V, float scale, int mask_id,
+                 float grad_scale);
+
+  /* ---- optimizer ---- */
+  /* p, g ACT [n]; m, v, master F32 [n] (master may be NULL). */
+  void (*adamw)(Backend *be, void *p, void *master, const void *g, void *m, void *v, size_t n,
+                const AdamParams *ap);
+
+  /* ---- timing (optional: may be NULL) ---- */
+  /* Marks the start of a named phase; phase_report fills ms per phase since the
+   * last report (names/ms arrays of capacity cap) and returns the count. */
+  void (*phase)(Backend *be, const char *name);
+  int (*phase_report)(Backend *be, const char **names, double *ms, int cap);
+};
+
+/* Constructors. backend_cpu never fails; backend_cuda returns NULL with a
+ * reason in err when no usable GPU is present. */
+Backend *backend_cpu(void);
+Backend *backend_cuda(int device, char *err, size_t errlen);
+/* device: "cpu", "cuda" or "auto" (cuda when usable, else cpu). Fatal on
+ * "cuda" without a usable GPU. */
+Backend *backend_open(const char *device, int local_rank);
+
+#endif

@@ -1,0 +1,78 @@
+/* log.c: console logging, fatal errors with cleanup hooks, checked allocation. */
+#include "core/log.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#define MAX_HOOKS 8
+static struct { FatalHook fn; void *ctx; } hooks[MAX_HOOKS];
+static int n_hooks;
+
+void log_info(const char *fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  vfprintf(stdout, fmt, ap);
+  va_end(ap);
+  fputc('\n', stdout);
+  fflush(stdout);
+}
+
+void log_warn(const char *fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  fputs("nmoe: warning: ", stderr);
+  vfprintf(stderr, fmt, ap);
+  va_end(ap);
+  fputc('\n', stderr);
+}
+
+void nmoe_on_fatal(FatalHook hook, void *ctx) {
+  if (n_hooks < MAX_HOOKS) hooks[n_hooks++] = (typeof(hooks[0])){hook, ctx};
+}
+
+void nmoe_on_fatal_remove(FatalHook hook, void *ctx) {
+  for (int i = 0; i < n_hooks; i++)
+    if (hooks[i].fn == hook && hooks[i].ctx == ctx) {
+      memmove(&hooks[i], &hooks[i + 1], (size_t)(n_hooks - i - 1) * sizeof(hooks[0]));
+      n_hooks--;
+      return;
+    }
+}
+
+void nmoe_fatal(const char *fmt, ...) {
+  char msg[2048];
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(msg, sizeof msg, fmt, ap);
+  va_end(ap);
+  fflush(stdout);
+  fprintf(stderr, "nmoe: error: %s\n", msg);
+  /* Hooks may call nmoe_fatal themselves; take them off the list first. */
+  int n = n_hooks;
+  n_hooks = 0;
+  for (int i = n - 1; i >= 0; i--) hooks[i].fn(msg, hooks[i].ctx);
+  exit(1);
+}
+
+void *xmalloc(size_t n) {
+  void *p = malloc(n ? n : 1);
+  if (!p) nmoe_fatal("out of host memory allocating %zu bytes", n);
+  return p;
+}
+
+void *xcalloc(size_t count, size_t size) {
+  void *p = calloc(count ? count : 1, size ? size : 1);
+  if (!p) nmoe_fatal("out of host memory allocating %zu x %zu bytes", count, size);
+  return p;
+}
+
+void *xrealloc(void *p, size_t n) {
+  void *q = realloc(p, n ? n : 1);
+  if (!q) nmoe_fatal("out of host memory reallocating %zu bytes", n);
+  return q;
+}
+
+char *xstrdup(const char *s) {
+  size_t n = strlen(s) + 1;
+  return memcpy(xmalloc(n), s, n);
+}
