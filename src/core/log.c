@@ -5,7 +5,8 @@
 #include <string.h>
 
 #define MAX_HOOKS 8
-static struct { FatalHook fn; void *ctx; } hooks[MAX_HOOKS];
+typedef struct { FatalHook fn; void *ctx; } Hook;
+static Hook hooks[MAX_HOOKS];
 static int n_hooks;
 
 void log_info(const char *fmt, ...) {
@@ -27,13 +28,13 @@ void log_warn(const char *fmt, ...) {
 }
 
 void nmoe_on_fatal(FatalHook hook, void *ctx) {
-  if (n_hooks < MAX_HOOKS) hooks[n_hooks++] = (typeof(hooks[0])){hook, ctx};
+  if (n_hooks < MAX_HOOKS) hooks[n_hooks++] = (Hook){hook, ctx};
 }
 
 void nmoe_on_fatal_remove(FatalHook hook, void *ctx) {
   for (int i = 0; i < n_hooks; i++)
     if (hooks[i].fn == hook && hooks[i].ctx == ctx) {
-      memmove(&hooks[i], &hooks[i + 1], (size_t)(n_hooks - i - 1) * sizeof(hooks[0]));
+      memmove(&hooks[i], &hooks[i + 1], (size_t)(n_hooks - i - 1) * sizeof(Hook));
       n_hooks--;
       return;
     }
