@@ -37,3 +37,35 @@ typedef __nv_bfloat16 bf16;
 static inline int ceil_div(long a, long b) { return (int)((a + b - 1) / b); }
 
 #endif
+
+/* Per-backend CUDA state (be->impl). Owned by cuda_backend.cu. */
+typedef struct CudaCtx {
+  cudaStream_t stream; /* every op runs on this stream */
+  int device;
+  int num_sms;
+  void *lt;            /* cublasLtHandle_t */
+  void *blas;          /* cublasHandle_t (grouped GEMM) */
+  void *lt_ws;         /* cuBLASLt workspace */
+  size_t lt_ws_bytes;
+  void *scratch[16];   /* grow-only device scratch, one per slot (see cuda_scratch) */
+  size_t scratch_bytes[16];
+  void *timing;        /* phase timing state (events) */
+} CudaCtx;
+
+static inline CudaCtx *cuda_ctx(Backend *be) { return (CudaCtx *)be->impl; }
+static inline cudaStream_t cuda_stream(Backend *be) { return cuda_ctx(be)->stream; }
+
+/* Scratch slots: each op family uses its own slot so that buffers handed
+ * between calls of one op family are not clobbered by another. */
+enum {
+  SCRATCH_GEMM = 0, SCRATCH_XENT = 1, SCRATCH_ROUTER = 2, SCRATCH_MOE = 3, SCRATCH_NORM = 4,
+  SCRATCH_REDUCE = 5, SCRATCH_ATTN = 6, SCRATCH_EMBED = 7, SCRATCH_HOST_PINNED = 8
+};
+#ifdef __cplusplus
+extern "C" {
+#endif
+/* Device scratch of at least bytes for slot (grow-only, stream-ordered reuse). */
+void *cuda_scratch(Backend *be, int slot, size_t bytes);
+#ifdef __cplusplus
+}
+#endif
