@@ -1,0 +1,239 @@
+/* model.c: model dimensions, the parameter table in the original's naming,
+ * allocation and initialisation, router bias balancing and FLOP counts.
+ * The forward/backward orchestration lives in model_step.c. */
+#include "model/model.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/log.h"
+
+ModelDims model_dims(const Config *c) {
+  ModelDims d;
+  memset(&d, 0, sizeof d);
+  d.V = (int)c->vocab_size;
+  d.D = (int)c->dim;
+  d.L = (int)c->n_layers;
+  d.n_dense = (int)c->n_dense_layers;
+  d.mla = !strcmp(c->attn, "mla");
+  d.H = (int)c->n_heads;
+  if (d.mla) {
+    d.Hkv = d.H;
+    d.qr = (int)c->q_lora_rank;
+    d.kvr = (int)c->kv_lora_rank;
+    d.dn = (int)c->qk_nope_head_dim;
+    d.dr = (int)c->qk_rope_head_dim;
+    d.dvh = (int)c->v_head_dim;
+    d.dqk = d.dn + d.dr;
+    d.dv = d.dvh;
+    d.rope_dim = d.dr;
+  } else {
+    d.Hkv = c->n_kv_heads > 0 ? (int)c->n_kv_heads : d.H;
+    d.hd = c->head_dim > 0 ? (int)c->head_dim : d.D / d.H;
+    d.dqk = d.dv = d.hd;
+    d.rope_dim = (int)c->qk_rope_head_dim < d.hd ? (int)c->qk_rope_head_dim : d.hd;
+  }
+  d.F = (int)c->inter_dim;
+  d.E = (int)c->n_routed_experts;
+  d.K = (int)c->n_activated_experts;
+  d.Fm = (int)c->moe_inter_dim;
+  d.Fs = (int)(c->n_shared_experts * c->moe_inter_dim);
+  return d;
+}
+
+/* Adds "layers.<l>.<suffix>" with a 1-D or 2-D shape. */
+static int add_w(ParamTable *t, int l, const char *suffix, int64_t rows, int64_t cols,
+                 ParamOwner own, OptGroup g, InitKind init, float std) {
+  char name[96];
+  snprintf(name, sizeof name, "layers.%d.%s", l, suffix);
+  int64_t shape[2] = {rows, cols};
+  return params_add(t, name, cols ? 2 : 1, shape, own, g, init, std);
+}
+
+static void build_table(Model *m) {
+  const ModelDims *d = &m->d;
+  ParamTable *t = &m->pt;
+  int64_t emb_shape[2] = {d->V, d->D};
+  m->embedding = params_add(t, "embedding.weight", 2, emb_shape, OWN_DENSE, GROUP_NO_DECAY,
+                            INIT_NORMAL, 0.02f);
+  m->lp = xcalloc((size_t)d->L, sizeof *m->lp);
+  const float in_std = 0.02f;
+  for (int l = 0; l < d->L; l++) {
+    LayerParams *lp = &m->lp[l];
+    memset(lp, -1, sizeof *lp);
+    float out_std = 0.02f / sqrtf(2.0f * (float)(l + 1));
+    lp->attn_norm = add_w(t, l, "attn_norm.weight", d->D, 0, OWN_DENSE, GROUP_NO_DECAY, INIT_ONES, 0);
+    if (d->mla) {
+      if (d->qr > 0) {
+        lp->wq_a = add_w(t, l, "attn.wq_a.weight", d->qr, d->D, OWN_DENSE, GROUP_DECAY,
+                         INIT_TRUNC_NORMAL, in_std);
+        lp->q_norm = add_w(t, l, "attn.q_norm.weight", d->qr, 0, OWN_DENSE, GROUP_NO_DECAY, INIT_ONES, 0);
+        lp->wq_b = add_w(t, l, "attn.wq_b.weight", (int64_t)d->H * d->dqk, d->qr, OWN_DENSE,
+                         GROUP_DECAY, INIT_TRUNC_NORMAL, in_std);
+      } else {
+        lp->wq = add_w(t, l, "attn.wq.weight", (int64_t)d->H * d->dqk, d->D, OWN_DENSE, GROUP_DECAY,
+                       INIT_TRUNC_NORMAL, in_std);
+      }
+      lp->wkv_a = add_w(t, l, "attn.wkv_a.weight", d->kvr + d->dr, d->D, OWN_DENSE, GROUP_DECAY,
+                        INIT_TRUNC_NORMAL, in_std);
+      lp->kv_norm = add_w(t, l, "attn.kv_norm.weight", d->kvr, 0, OWN_DENSE, GROUP_NO_DECAY, INIT_ONES, 0);
+      lp->wkv_b = add_w(t, l, "attn.wkv_b.weight", (int64_t)d->H * (d->dn + d->dvh), d->kvr,
+                        OWN_DENSE, GROUP_DECAY, INIT_TRUNC_NORMAL, in_std);
+    } else {
+      /* wq, wk, wv adjacent: one [(H + 2 Hkv) * hd, D] projection. */
+      lp->wq = add_w(t, l, "attn.wq.weight", (int64_t)d->H * d->hd, d->D, OWN_DENSE, GROUP_DECAY,
+                     INIT_TRUNC_NORMAL, in_std);
+      lp->wk = add_w(t, l, "attn.wk.weight", (int64_t)d->Hkv * d->hd, d->D, OWN_DENSE, GROUP_DECAY,
+                     INIT_TRUNC_NORMAL, in_std);
+      lp->wv = add_w(t, l, "attn.wv.weight", (int64_t)d->Hkv * d->hd, d->D, OWN_DENSE, GROUP_DECAY,
+                     INIT_TRUNC_NORMAL, in_std);
+    }
+    lp->wo = add_w(t, l, "attn.wo.weight", d->D, (int64_t)d->H * d->dv, OWN_DENSE, GROUP_DECAY,
+                   INIT_TRUNC_NORMAL, out_std);
+    lp->ffn_norm = add_w(t, l, "ffn_norm.weight", d->D, 0, OWN_DENSE, GROUP_NO_DECAY, INIT_ONES, 0);
+    if (l < d->n_dense) {
+      lp->w1 = add_w(t, l, "ffn.w1.weight", d->F, d->D, OWN_DENSE, GROUP_DECAY, INIT_TRUNC_NORMAL, in_std);
+      lp->w3 = add_w(t, l, "ffn.w3.weight", d->F, d->D, OWN_DENSE, GROUP_DECAY, INIT_TRUNC_NORMAL, in_std);
+      lp->w2 = add_w(t, l, "ffn.w2.weight", d->D, d->F, OWN_DENSE, GROUP_DECAY, INIT_TRUNC_NORMAL, out_std);
+    } else {
+      lp->moe_index = m->n_moe++;
+      lp->gate = add_w(t, l, "ffn.router.gate.weight", d->E, d->D, OWN_DENSE, GROUP_ROUTER,
+                       INIT_TRUNC_NORMAL, out_std);
+      char name[96];
+      int64_t s13[3] = {d->E, d->D, 2 * (int64_t)d->Fm}, s2[3] = {d->E, d->Fm, d->D};
+      snprintf(name, sizeof name, "layers.%d.ffn.experts.w13", l);
+      lp->exp_w13 = params_add(t, name, 3, s13, OWN_EXPERT, GROUP_EXPERT, INIT_TRUNC_NORMAL, out_std);
+      snprintf(name, sizeof name, "layers.%d.ffn.experts.w2", l);
+      lp->exp_w2 = params_add(t, name, 3, s2, OWN_EXPERT, GROUP_EXPERT, INIT_TRUNC_NORMAL, out_std);
+      if (d->Fs > 0) {
+        lp->sh_w1 = add_w(t, l, "ffn.shared.w1.weight", d->Fs, d->D, OWN_DENSE, GROUP_DECAY,
+                          INIT_TRUNC_NORMAL, in_std);
+        lp->sh_w3 = add_w(t, l, "ffn.shared.w3.weight", d->Fs, d->D, OWN_DENSE, GROUP_DECAY,
+                          INIT_TRUNC_NORMAL, in_std);
+        lp->sh_w2 = add_w(t, l, "ffn.shared.w2.weight", d->D, d->Fs, OWN_DENSE, GROUP_DECAY,
+                          INIT_TRUNC_NORMAL, out_std);
+      }
+    }
+    int global = m->cfg.attn_global_every <= 1 || (l + 1) % m->cfg.attn_global_every == 0 ||
+                 l == d->L - 1;
+    lp->window = global ? 0 : (int)m->cfg.attn_local_window;
+  }
+  int64_t dshape[1] = {d->D};
+  m->final_norm = params_add(t, "norm.weight", 1, dshape, OWN_DENSE, GROUP_NO_DECAY, INIT_ONES, 0);
+  m->lm_head = params_add(t, "lm_head.weight", 2, emb_shape, OWN_DENSE, GROUP_NO_DECAY,
+                          INIT_TRUNC_NORMAL, 1.0f / sqrtf((float)d->D));
+  params_finalize(t);
+}
+
+void *model_ptr(const Model *m, void *base, int p) {
+  NMOE_ASSERT(p >= 0 && p < m->pt.n);
+  return (char *)base + m->pt.p[p].offset * m->be->size[BUF_ACT];
+}
+
+/* Fills the parameters in chunks through a host float staging buffer. */
+static void init_params(Model *m) {
+  enum { CHUNK = 1 << 22 };
+  float *host = xmalloc(CHUNK * sizeof(float));
+  uint64_t seed = (uint64_t)m->cfg.seed;
+  for (int r = 0; r < m->pt.n; r++) {
+    const ParamInfo *pi = &m->pt.p[r];
+    for (size_t start = 0; start < pi->numel; start += CHUNK) {
+      size_t n = pi->numel - start < CHUNK ? pi->numel - start : CHUNK;
+#pragma omp parallel for schedule(static)
+      for (size_t i = 0; i < n; i++) host[i] = params_init_value(pi, r, seed, start + i);
+      char *dst = (char *)m->params + (pi->offset + start) * m->be->size[BUF_ACT];
+      m->be->put(m->be, dst, BUF_ACT, host, n);
+      if (m->master) {
+        char *mdst = (char *)m->master + (pi->offset + start) * m->be->size[BUF_F32];
+        m->be->put(m->be, mdst, BUF_F32, host, n);
+      }
+    }
+  }
+  free(host);
+}
+
+Model *model_create(const Config *cfg, Backend *be) {
+  Model *m = xcalloc(1, sizeof *m);
+  m->cfg = *cfg;
+  m->be = be;
+  m->d = model_dims(cfg);
+  const ModelDims *d = &m->d;
+  if (d->D <= 0 || d->L <= 0 || d->H <= 0 || d->V <= 0)
+    nmoe_fatal("model dimensions must be positive (dim=%d n_layers=%d n_heads=%d vocab_size=%d)",
+               d->D, d->L, d->H, d->V);
+  if (!d->mla && (d->H % d->Hkv || d->hd <= 0 || d->rope_dim % 2))
+    nmoe_fatal("mha attention needs n_heads divisible by n_kv_heads, head_dim > 0 and an even "
+               "qk_rope_head_dim (n_heads=%d n_kv_heads=%d head_dim=%d)", d->H, d->Hkv, d->hd);
+  if (d->mla && d->dr % 2) nmoe_fatal("qk_rope_head_dim must be even (got %d)", d->dr);
+  build_table(m);
+  size_t n = m->pt.total;
+  m->params = be->alloc(be, n * be->size[BUF_ACT]);
+  m->grads = be->alloc(be, n * be->size[BUF_ACT]);
+  /* A master copy only where storage is narrower than fp32. */
+  if (be->size[BUF_ACT] < be->size[BUF_F32] && !strcmp(cfg->master_weights, "fp32"))
+    m->master = be->alloc(be, n * be->size[BUF_F32]);
+  m->adam_m = be->alloc(be, n * be->size[BUF_F32]);
+  m->adam_v = be->alloc(be, n * be->size[BUF_F32]);
+  size_t nb = (size_t)(m->n_moe > 0 ? m->n_moe : 1) * (size_t)(d->E > 0 ? d->E : 1);
+  m->router_bias = be->alloc(be, nb * be->size[BUF_F32]);
+  m->router_bias_host = xcalloc(nb, sizeof(float));
+  m->counts_host = xcalloc(nb, sizeof(int32_t));
+  m->imp_host = xcalloc(nb, sizeof(float));
+  m->off_host = xcalloc((size_t)d->E + 1, sizeof(int32_t));
+  init_params(m);
+  return m;
+}
+
+void model_update_router_bias(Model *m, const int32_t *counts, double rate) {
+  const int E = m->d.E;
+  for (int l = 0; l < m->n_moe; l++) {
+    const int32_t *c = counts + (size_t)l * E;
+    float *b = m->router_bias_host + (size_t)l * E;
+    double total = 0, mean_sign = 0;
+    for (int e = 0; e < E; e++) total += c[e];
+    if (total <= 0) continue;
+    double sgn[E];
+    for (int e = 0; e < E; e++) {
+      double load = c[e] / total - 1.0 / E;
+      sgn[e] = (load > 0) - (load < 0);
+      mean_sign += sgn[e];
+    }
+    mean_sign /= E;
+    for (int e = 0; e < E; e++) {
+      double v = b[e] - rate * (sgn[e] - mean_sign);
+      b[e] = (float)(v > 16 ? 16 : v < -16 ? -16 : v);
+    }
+  }
+  m->be->put(m->be, m->router_bias, BUF_F32, m->router_bias_host, (size_t)m->n_moe * E);
+}
+
+int64_t model_param_count(const Model *m) {
+  int64_t n = 0;
+  for (int i = 0; i < m->pt.n; i++) n += (int64_t)m->pt.p[i].numel;
+  return n;
+}
+
+int64_t model_active_matmul_params(const ModelDims *d, const Config *c) {
+  int64_t attn;
+  if (d->mla) {
+    int64_t q = d->qr > 0 ? (int64_t)d->qr * d->D + (int64_t)d->H * d->dqk * d->qr
+                          : (int64_t)d->H * d->dqk * d->D;
+    attn = q + (int64_t)(d->kvr + d->dr) * d->D + (int64_t)d->H * (d->dn + d->dvh) * d->kvr;
+  } else {
+    attn = (int64_t)(d->H + 2 * d->Hkv) * d->hd * d->D;
+  }
+  attn += (int64_t)d->D * d->H * d->dv;
+  int64_t dense_ffn = 3 * (int64_t)d->D * d->F;
+  int64_t moe_ffn = (int64_t)d->E * d->D + 3 * (int64_t)d->D * d->Fm * d->K + 3 * (int64_t)d->D * d->Fs;
+  int64_t n_moe = d->L - d->n_dense;
+  (void)c;
+  return (int64_t)d->L * attn + (int64_t)d->n_dense * dense_ffn + n_moe * moe_ffn +
+         (int64_t)d->V * d->D;
+}
+
+double model_flops_per_token(const ModelDims *d, const Config *c, int T) {
+  return 6.0 * (double)model_active_matmul_params(d, c) +
+         6.0 * d->L * d->H * (d->dqk + d->dv) / 2.0 * T;
+}

@@ -1,0 +1,122 @@
+/* model.h: the DeepSeek-style MoE transformer (DESIGN.md section 4) as a
+ * sequence of backend ops: parameter table, activations kept for backward,
+ * forward + backward of one batch, router statistics and bias balancing.
+ *
+ *   x0 = embed_scale * embedding[tokens]
+ *   per layer l:  h = x + attn(rmsnorm(x));  x' = h + ffn(rmsnorm(h))
+ *     attn: MLA (q/kv low rank, shared rope key) or MHA/GQA, causal; local
+ *           layers (attn_global_every > 1) use a sliding window
+ *     ffn:  dense SwiGLU for l < n_dense_layers, else MoE (sigmoid router,
+ *           top-k on score+bias, routed SwiGLU experts + shared experts)
+ *   loss = mean over non-masked targets of CE(logits_scale * lm_head(rmsnorm(x_L)))
+ *          (+ aux_loss_alpha * switch-style balance loss when enabled)
+ *
+ * Weight layouts (row-major): Linear weights are [out, in] like PyTorch;
+ * routed experts are w13 [E, D, 2F] (columns [gate | up]) and w2 [E, F, D]. */
+#ifndef NMOE_MODEL_H
+#define NMOE_MODEL_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "backend/backend.h"
+#include "core/config.h"
+#include "model/params.h"
+
+/* Dimensions derived from the config. */
+typedef struct ModelDims {
+  int V, D, L, n_dense;
+  int mla;                 /* 1 = MLA attention, 0 = MHA/GQA */
+  int H, Hkv, hd;          /* mha: heads, kv heads, head dim */
+  int qr, kvr, dn, dr, dvh; /* mla: q/kv low ranks, nope/rope/v head dims */
+  int dqk, dv;             /* attention head dims (q/k and v) */
+  int rope_dim;            /* rotary dims per head */
+  int F;                   /* dense SwiGLU hidden */
+  int E, K, Fm, Fs;        /* experts, top-k, expert hidden, shared hidden */
+} ModelDims;
+
+/* Parameter row indices of one layer (-1 when absent). */
+typedef struct LayerParams {
+  int attn_norm, ffn_norm;
+  int wq, wk, wv;                      /* mha (adjacent: one [Hq+2Hkv)*hd, D] GEMM) */
+  int wq_a, q_norm, wq_b, wkv_a, kv_norm, wkv_b; /* mla (wq when q_lora_rank == 0) */
+  int wo;
+  int w1, w3, w2;                      /* dense (w1|w3 adjacent) */
+  int gate, exp_w13, exp_w2, sh_w1, sh_w3, sh_w2; /* moe */
+  int moe_index;                       /* index among MoE layers, -1 if dense */
+  int window;                          /* 0 = global attention */
+} LayerParams;
+
+typedef struct LayerActs LayerActs; /* model.c */
+
+typedef struct Model {
+  Config cfg; /* copy; strings borrowed from the caller's Config */
+  ModelDims d;
+  Backend *be;
+  ParamTable pt;
+  LayerParams *lp;
+  int embedding, final_norm, lm_head;
+  int n_moe;
+
+  /* One allocation each, laid out by pt. */
+  void *params;  /* ACT [pt.total] */
+  void *grads;   /* ACT [pt.total] */
+  void *master;  /* F32 [pt.total] or NULL */
+  void *adam_m, *adam_v; /* F32 [pt.total] */
+  void *router_bias;     /* F32 [n_moe, E]: buffers, not parameters */
+  float *router_bias_host; /* [n_moe, E] mirror */
+
+  /* Activations for one (B, T) batch shape, allocated on first use. */
+  int B, T;
+  LayerActs *acts;
+  void *rope_cos, *rope_sin; /* F32 [T, rope_dim/2] */
+  void *tok_in, *tok_tgt;    /* I32 [N] */
+  void *res;                 /* ACT [L+1, N, D]: residual stream per layer boundary */
+  void *mid;                 /* ACT [L, N, D]: after attention, before the ffn */
+  void *xf, *rstd_f;         /* final norm output and rstd */
+  void *g_res, *g_xn, *g_tmp; /* backward scratch [N, D] each */
+  void *g_big[5];            /* backward scratch sized to the widest intermediate */
+  size_t g_big_elems;
+
+  /* Router statistics of the last forward: counts [n_moe, E] (assignments) and
+   * importance sums [n_moe, E]. */
+  int32_t *counts_host;
+  float *imp_host;
+  int32_t *off_host;         /* [E+1] scratch for grouped GEMMs */
+  double last_aux_loss;
+  int64_t last_n_valid;
+} Model;
+
+/* Builds the table, allocates parameters/optimizer state on be and initialises
+ * them from cfg->seed. Fatal on inconsistent dimensions. */
+Model *model_create(const Config *cfg, Backend *be);
+void model_free(Model *m);
+ModelDims model_dims(const Config *cfg);
+
+/* Forward + backward of one batch: inputs/targets are host int32 [B*T].
+ * Zeroes and fills m->grads. Returns the mean cross-entropy over non-masked
+ * targets (the aux loss, when enabled, is in m->last_aux_loss and included in
+ * the gradients). n_valid_total: kept targets over all ranks (the divisor of
+ * the mean; pass 0 to use this batch's count). */
+double model_train_step_grads(Model *m, const int32_t *inputs, const int32_t *targets, int B, int T,
+                              int64_t n_valid_total);
+/* Forward only: returns the summed loss over kept targets and their count. */
+double model_eval_loss(Model *m, const int32_t *inputs, const int32_t *targets, int B, int T,
+                       int64_t *n_valid);
+
+/* Aux-loss-free balancing: bias -= rate * (sign(load - 1/E) - mean(sign)),
+ * clamped to [-16, 16]; counts [n_moe, E] are assignments summed over ranks. */
+void model_update_router_bias(Model *m, const int32_t *counts, double rate);
+
+/* Parameter counts: total, and active per token (matmul weights incl. lm_head,
+ * excl. embedding; top-k + shared experts, router). */
+int64_t model_param_count(const Model *m);
+int64_t model_active_matmul_params(const ModelDims *d, const Config *cfg);
+/* Training FLOPs per token: 6 * active matmul params + causal attention
+ * 6 * L * H * (dqk + dv)/2 * T (forward and backward). */
+double model_flops_per_token(const ModelDims *d, const Config *cfg, int T);
+
+/* Pointer to row p inside an ACT allocation (params or grads). */
+void *model_ptr(const Model *m, void *base, int p);
+
+#endif

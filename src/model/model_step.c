@@ -1,0 +1,492 @@
+/* model_step.c: forward and backward of one batch as backend ops.
+ *
+ * Every activation the backward needs is kept per layer (LayerActs); the
+ * backward walks the layers in reverse with a handful of scratch buffers.
+ * N = B*T tokens; M = N*K routed (token, slot) rows. Gradients of weights
+ * accumulate into m->grads (zeroed at the start of each step). */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/log.h"
+#include "model/model.h"
+
+struct LayerActs {
+  void *xn1, *rstd1;                 /* attn norm: [N,D], F32 [N] */
+  void *qkv;                         /* mha: [N, (H+2Hkv)*hd], rope applied to q and k */
+  void *q_a, *q_a_rstd, *q_an;       /* mla: [N,qr], F32 [N], [N,qr] */
+  void *q;                           /* mla: [N, H*dqk], rope applied */
+  void *kv_a, *kv_rstd, *kvn;        /* mla: [N, kvr+dr] (rope cols rotated), F32 [N], [N,kvr] */
+  void *kv, *k, *v;                  /* mla: [N, H*(dn+dv)], [N, H*dqk], [N, H*dv] */
+  void *attn_o, *lse;                /* [N, H*dv], F32 [B,H,T] */
+  void *xn2, *rstd2;                 /* ffn norm */
+  void *gu, *h;                      /* dense: [N,2F], [N,F] */
+  void *scores, *w;                  /* moe: F32 [N,E], F32 [N,K] */
+  void *idx, *counts, *off, *row_of, *pair_of; /* I32 [N,K], [E], [E+1], [N*K], [N*K] */
+  void *imp;                         /* F32 [E] */
+  void *xe, *gu_e, *h_e, *ye;        /* [M,D], [M,2Fm], [M,Fm], [M,D] */
+  void *gu_s, *h_s;                  /* shared: [N,2Fs], [N,Fs] */
+};
+
+#define ACT(m, p, elems) ((void *)((char *)(p) + (size_t)(elems) * (m)->be->size[BUF_ACT]))
+#define F32AT(m, p, elems) ((void *)((char *)(p) + (size_t)(elems) * (m)->be->size[BUF_F32]))
+
+static void *alloc_kind(Model *m, BufKind k, size_t n) {
+  return m->be->alloc(m->be, n * m->be->size[k]);
+}
+
+/* RoPE tables cos/sin [T, rope_dim/2], with YaRN NTK-by-parts when
+ * rope_scaling_factor > 1 (reference section 2.3). */
+static void build_rope(Model *m, int T) {
+  const int half = m->d.rope_dim / 2;
+  if (half == 0) return;
+  const Config *c = &m->cfg;
+  float *cs = xmalloc((size_t)T * half * sizeof(float));
+  float *sn = xmalloc((size_t)T * half * sizeof(float));
+  double factor = c->rope_scaling_factor, conc = 1.0;
+  double low = 0, high = 0;
+  if (factor > 1.0) {
+    conc = 0.1 * log(factor) + 1.0;
+    double ctx = (double)c->max_position_embeddings, base = c->rope_theta;
+    low = half * log(ctx / (c->rope_ntk_beta * 2 * M_PI)) / log(base);
+    high = half * log(ctx / (c->rope_ntk_alpha * 2 * M_PI)) / log(base);
+  }
+  for (int i = 0; i < half; i++) {
+    double freq = pow(c->rope_theta, (2.0 * i) / m->d.rope_dim);
+    double inv = 1.0 / freq;
+    if (factor > 1.0) {
+      double ramp = (i - low) / (high - low);
+      double mask = 1.0 - (ramp < 0 ? 0 : ramp > 1 ? 1 : ramp);
+      inv = (1.0 / (factor * freq)) * (1 - mask) + (1.0 / freq) * mask;
+    }
+    for (int t = 0; t < T; t++) {
+      cs[(size_t)t * half + i] = (float)(cos(t * inv) * conc);
+      sn[(size_t)t * half + i] = (float)(sin(t * inv) * conc);
+    }
+  }
+  m->rope_cos = alloc_kind(m, BUF_F32, (size_t)T * half);
+  m->rope_sin = alloc_kind(m, BUF_F32, (size_t)T * half);
+  m->be->put(m->be, m->rope_cos, BUF_F32, cs, (size_t)T * half);
+  m->be->put(m->be, m->rope_sin, BUF_F32, sn, (size_t)T * half);
+  free(cs);
+  free(sn);
+}
+
+static size_t max_sz(size_t a, size_t b) { return a > b ? a : b; }
+
+static void free_acts(Model *m) {
+  if (!m->acts) return;
+  Backend *be = m->be;
+  for (int l = 0; l < m->d.L; l++) {
+    void **p = (void **)&m->acts[l];
+    for (size_t i = 0; i < sizeof(LayerActs) / sizeof(void *); i++)
+      if (p[i]) be->free(be, p[i]);
+  }
+  free(m->acts);
+  void *bufs[] = {m->rope_cos, m->rope_sin, m->tok_in, m->tok_tgt, m->res, m->mid, m->xf,
+                  m->rstd_f, m->g_res, m->g_xn, m->g_tmp, m->g_big[0], m->g_big[1],
+                  m->g_big[2], m->g_big[3], m->g_big[4]};
+  for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
+    if (bufs[i]) be->free(be, bufs[i]);
+  m->acts = NULL;
+}
+
+/* Allocates activations for batches of B sequences of T tokens. */
+static void ensure_acts(Model *m, int B, int T) {
+  if (m->acts && m->B == B && m->T == T) return;
+  free_acts(m);
+  const ModelDims *d = &m->d;
+  const size_t N = (size_t)B * T, M = N * (size_t)d->K;
+  m->B = B;
+  m->T = T;
+  m->acts = xcalloc((size_t)d->L, sizeof(LayerActs));
+  size_t wide = max_sz((size_t)d->D, (size_t)d->H * d->dqk); /* widest per-token scratch */
+  wide = max_sz(wide, (size_t)(d->H + 2 * d->Hkv) * (d->mla ? 0 : d->hd));
+  wide = max_sz(wide, (size_t)d->H * (d->dn + d->dvh));
+  wide = max_sz(wide, (size_t)d->kvr + d->dr);
+  wide = max_sz(wide, (size_t)d->qr);
+  size_t big = N * wide;
+  for (int l = 0; l < d->L; l++) {
+    LayerActs *a = &m->acts[l];
+    const LayerParams *lp = &m->lp[l];
+    a->xn1 = alloc_kind(m, BUF_ACT, N * d->D);
+    a->rstd1 = alloc_kind(m, BUF_F32, N);
+    if (d->mla) {
+      if (d->qr > 0) {
+        a->q_a = alloc_kind(m, BUF_ACT, N * d->qr);
+        a->q_a_rstd = alloc_kind(m, BUF_F32, N);
+        a->q_an = alloc_kind(m, BUF_ACT, N * d->qr);
+      }
+      a->q = alloc_kind(m, BUF_ACT, N * d->H * d->dqk);
+      a->kv_a = alloc_kind(m, BUF_ACT, N * (d->kvr + d->dr));
+      a->kv_rstd = alloc_kind(m, BUF_F32, N);
+      a->kvn = alloc_kind(m, BUF_ACT, N * d->kvr);
+      a->kv = alloc_kind(m, BUF_ACT, N * d->H * (d->dn + d->dvh));
+      a->k = alloc_kind(m, BUF_ACT, N * d->H * d->dqk);
+      a->v = alloc_kind(m, BUF_ACT, N * d->H * d->dvh);
+    } else {
+      a->qkv = alloc_kind(m, BUF_ACT, N * (d->H + 2 * d->Hkv) * d->hd);
+    }
+    a->attn_o = alloc_kind(m, BUF_ACT, N * d->H * d->dv);
+    a->lse = alloc_kind(m, BUF_F32, N * d->H);
+    a->xn2 = alloc_kind(m, BUF_ACT, N * d->D);
+    a->rstd2 = alloc_kind(m, BUF_F32, N);
+    if (lp->moe_index < 0) {
+      a->gu = alloc_kind(m, BUF_ACT, N * 2 * d->F);
+      a->h = alloc_kind(m, BUF_ACT, N * d->F);
+      big = max_sz(big, N * 2 * d->F);
+    } else {
+      a->scores = alloc_kind(m, BUF_F32, N * d->E);
+      a->w = alloc_kind(m, BUF_F32, M);
+      a->idx = alloc_kind(m, BUF_I32, M);
+      a->counts = alloc_kind(m, BUF_I32, d->E);
+      a->off = alloc_kind(m, BUF_I32, d->E + 1);
+      a->row_of = alloc_kind(m, BUF_I32, M);
+      a->pair_of = alloc_kind(m, BUF_I32, M);
+      a->imp = alloc_kind(m, BUF_F32, d->E);
+      a->xe = alloc_kind(m, BUF_ACT, M * d->D);
+      a->gu_e = alloc_kind(m, BUF_ACT, M * 2 * d->Fm);
+      a->h_e = alloc_kind(m, BUF_ACT, M * d->Fm);
+      a->ye = alloc_kind(m, BUF_ACT, M * d->D);
+      if (d->Fs > 0) {
+        a->gu_s = alloc_kind(m, BUF_ACT, N * 2 * d->Fs);
+        a->h_s = alloc_kind(m, BUF_ACT, N * d->Fs);
+      }
+      big = max_sz(big, M * max_sz((size_t)d->D, 2 * (size_t)d->Fm));
+      big = max_sz(big, N * 2 * (size_t)d->Fs);
+      big = max_sz(big, M); /* dw (F32 [N,K]) lives in g_big[3] */
+    }
+  }
+  big = max_sz(big, M * (m->be->size[BUF_F32] / m->be->size[BUF_ACT] + 1));
+  build_rope(m, T);
+  m->tok_in = alloc_kind(m, BUF_I32, N);
+  m->tok_tgt = alloc_kind(m, BUF_I32, N);
+  m->res = alloc_kind(m, BUF_ACT, (size_t)(d->L + 1) * N * d->D);
+  m->mid = alloc_kind(m, BUF_ACT, (size_t)d->L * N * d->D);
+  m->xf = alloc_kind(m, BUF_ACT, N * d->D);
+  m->rstd_f = alloc_kind(m, BUF_F32, N);
+  m->g_res = alloc_kind(m, BUF_ACT, N * d->D);
+  m->g_xn = alloc_kind(m, BUF_ACT, N * d->D);
+  m->g_tmp = alloc_kind(m, BUF_ACT, N * d->D);
+  for (int i = 0; i < 5; i++) m->g_big[i] = alloc_kind(m, BUF_ACT, big);
+  m->g_big_elems = big;
+}
+
+void model_free(Model *m) {
+  if (!m) return;
+  free_acts(m);
+  Backend *be = m->be;
+  void *bufs[] = {m->params, m->grads, m->master, m->adam_m, m->adam_v, m->router_bias};
+  for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
+    if (bufs[i]) be->free(be, bufs[i]);
+  free(m->router_bias_host);
+  free(m->counts_host);
+  free(m->imp_host);
+  free(m->off_host);
+  free(m->lp);
+  params_free(&m->pt);
+  free(m);
+}
+
+static void *W(Model *m, int p) { return model_ptr(m, m->params, p); }
+static void *G(Model *m, int p) { return model_ptr(m, m->grads, p); }
+
+static AttnShape attn_shape(const Model *m, int window) {
+  const ModelDims *d = &m->d;
+  AttnShape s = {.B = m->B, .T = m->T, .Hq = d->H, .Hkv = d->Hkv, .dqk = d->dqk, .dv = d->dv,
+                 .window = window, .scale = 1.0f / sqrtf((float)d->dqk)};
+  if (d->mla) {
+    s.ldq = s.ldk = d->H * d->dqk;
+    s.ldv = d->H * d->dv;
+  } else {
+    s.ldq = s.ldk = s.ldv = (d->H + 2 * d->Hkv) * d->hd;
+  }
+  return s;
+}
+
+/* ---------------------------------------------------------------- attention */
+
+/* mid = x + wo(attn(rmsnorm(x))) */
+static void attn_forward(Model *m, int l, const void *x, void *mid) {
+  Backend *be = m->be;
+  const ModelDims *d = &m->d;
+  const LayerParams *lp = &m->lp[l];
+  LayerActs *a = &m->acts[l];
+  const int N = m->B * m->T, T = m->T;
+  const float eps = (float)m->cfg.rms_norm_eps;
+  AttnShape s = attn_shape(m, lp->window);
+  be->rmsnorm_fwd(be, a->xn1, a->rstd1, x, W(m, lp->attn_norm), N, d->D, d->D, d->D, eps);
+  const void *q, *k, *v;
+  if (d->mla) {
+    if (d->qr > 0) {
+      be->gemm(be, a->q_a, a->xn1, W(m, lp->wq_a), N, d->qr, d->D, 0, 1, 1, 0, 0);
+      be->rmsnorm_fwd(be, a->q_an, a->q_a_rstd, a->q_a, W(m, lp->q_norm), N, d->qr, d->qr, d->qr, eps);
+      be->gemm(be, a->q, a->q_an, W(m, lp->wq_b), N, d->H * d->dqk, d->qr, 0, 1, 1, 0, 0);
+    } else {
+      be->gemm(be, a->q, a->xn1, W(m, lp->wq), N, d->H * d->dqk, d->D, 0, 1, 1, 0, 0);
+    }
+    be->rope(be, a->q, m->rope_cos, m->rope_sin, N, T, d->H, d->H * d->dqk, d->dqk, d->dn, d->dr, 0);
+    const int lda = d->kvr + d->dr;
+    be->gemm(be, a->kv_a, a->xn1, W(m, lp->wkv_a), N, lda, d->D, 0, 1, 1, 0, 0);
+    be->rmsnorm_fwd(be, a->kvn, a->kv_rstd, a->kv_a, W(m, lp->kv_norm), N, d->kvr, lda, d->kvr, eps);
+    void *kr = ACT(m, a->kv_a, d->kvr);
+    be->rope(be, kr, m->rope_cos, m->rope_sin, N, T, 1, lda, 0, 0, d->dr, 0);
+    be->gemm(be, a->kv, a->kvn, W(m, lp->wkv_b), N, d->H * (d->dn + d->dvh), d->kvr, 0, 1, 1, 0, 0);
+    be->mla_kv_split(be, a->k, a->v, a->kv, kr, lda, N, d->H, d->dn, d->dr, d->dvh);
+    q = a->q;
+    k = a->k;
+    v = a->v;
+  } else {
+    const int width = (d->H + 2 * d->Hkv) * d->hd;
+    be->gemm(be, a->qkv, a->xn1, W(m, lp->wq), N, width, d->D, 0, 1, 1, 0, 0);
+    const int off = d->hd - d->rope_dim;
+    if (d->rope_dim > 0) {
+      be->rope(be, a->qkv, m->rope_cos, m->rope_sin, N, T, d->H, width, d->hd, off, d->rope_dim, 0);
+      be->rope(be, ACT(m, a->qkv, d->H * d->hd), m->rope_cos, m->rope_sin, N, T, d->Hkv, width,
+               d->hd, off, d->rope_dim, 0);
+    }
+    q = a->qkv;
+    k = ACT(m, a->qkv, d->H * d->hd);
+    v = ACT(m, a->qkv, (d->H + d->Hkv) * d->hd);
+  }
+  be->attn_fwd(be, a->attn_o, a->lse, q, k, v, &s);
+  be->gemm(be, m->g_tmp, a->attn_o, W(m, lp->wo), N, d->D, d->H * d->dv, 0, 1, 1, 0, 0);
+  be->add(be, mid, x, m->g_tmp, (size_t)N * d->D);
+}
+
+/* g_res holds dL/d(mid) on entry and dL/d(x) on return. */
+static void attn_backward(Model *m, int l, const void *x) {
+  Backend *be = m->be;
+  const ModelDims *d = &m->d;
+  const LayerParams *lp = &m->lp[l];
+  LayerActs *a = &m->acts[l];
+  const int N = m->B * m->T, T = m->T;
+  AttnShape s = attn_shape(m, lp->window);
+  void **g = m->g_big;
+  /* d_o = g_res @ wo; dwo += g_res^T @ attn_o */
+  be->gemm(be, g[0], m->g_res, W(m, lp->wo), N, d->H * d->dv, d->D, 0, 0, 1, 0, 0);
+  be->gemm(be, G(m, lp->wo), m->g_res, a->attn_o, d->D, d->H * d->dv, N, 1, 0, 1, 1, 0);
+  if (d->mla) {
+    const int lda = d->kvr + d->dr, hq = d->H * d->dqk;
+    void *dq = g[1], *dk = g[2], *dv = g[3];
+    be->attn_bwd(be, dq, dk, dv, g[0], a->q, a->k, a->v, a->attn_o, a->lse, &s);
+    void *dkv = g[0], *dkv_a = g[4]; /* d_o consumed by attn_bwd */
+    be->mla_kv_split_bwd(be, dkv, ACT(m, dkv_a, d->kvr), lda, dk, dv, N, d->H, d->dn, d->dr, d->dvh);
+    void *d_kvn = g[2]; /* dk consumed */
+    be->gemm(be, d_kvn, dkv, W(m, lp->wkv_b), N, d->kvr, d->H * (d->dn + d->dvh), 0, 0, 1, 0, 0);
+    be->gemm(be, G(m, lp->wkv_b), dkv, a->kvn, d->H * (d->dn + d->dvh), d->kvr, N, 1, 0, 1, 1, 0);
+    be->rmsnorm_bwd(be, dkv_a, G(m, lp->kv_norm), d_kvn, a->kv_a, W(m, lp->kv_norm), a->kv_rstd, N,
+                    d->kvr, lda, d->kvr, 0);
+    be->rope(be, ACT(m, dkv_a, d->kvr), m->rope_cos, m->rope_sin, N, T, 1, lda, 0, 0, d->dr, 1);
+    be->gemm(be, m->g_xn, dkv_a, W(m, lp->wkv_a), N, d->D, lda, 0, 0, 1, 0, 0);
+    be->gemm(be, G(m, lp->wkv_a), dkv_a, a->xn1, lda, d->D, N, 1, 0, 1, 1, 0);
+    be->rope(be, dq, m->rope_cos, m->rope_sin, N, T, d->H, hq, d->dqk, d->dn, d->dr, 1);
+    if (d->qr > 0) {
+      void *d_qan = g[2], *d_qa = g[3];
+      be->gemm(be, d_qan, dq, W(m, lp->wq_b), N, d->qr, hq, 0, 0, 1, 0, 0);
+      be->gemm(be, G(m, lp->wq_b), dq, a->q_an, hq, d->qr, N, 1, 0, 1, 1, 0);
+      be->rmsnorm_bwd(be, d_qa, G(m, lp->q_norm), d_qan, a->q_a, W(m, lp->q_norm), a->q_a_rstd, N,
+                      d->qr, d->qr, d->qr, 0);
+      be->gemm(be, m->g_xn, d_qa, W(m, lp->wq_a), N, d->D, d->qr, 0, 0, 1, 1, 0);
+      be->gemm(be, G(m, lp->wq_a), d_qa, a->xn1, d->qr, d->D, N, 1, 0, 1, 1, 0);
+    } else {
+      be->gemm(be, m->g_xn, dq, W(m, lp->wq), N, d->D, hq, 0, 0, 1, 1, 0);
+      be->gemm(be, G(m, lp->wq), dq, a->xn1, hq, d->D, N, 1, 0, 1, 1, 0);
+    }
+  } else {
+    const int width = (d->H + 2 * d->Hkv) * d->hd;
+    void *dqkv = g[1];
+    void *dk = ACT(m, dqkv, d->H * d->hd), *dv = ACT(m, dqkv, (d->H + d->Hkv) * d->hd);
+    const void *k = ACT(m, a->qkv, d->H * d->hd), *v = ACT(m, a->qkv, (d->H + d->Hkv) * d->hd);
+    be->attn_bwd(be, dqkv, dk, dv, g[0], a->qkv, k, v, a->attn_o, a->lse, &s);
+    const int off = d->hd - d->rope_dim;
+    if (d->rope_dim > 0) {
+      be->rope(be, dqkv, m->rope_cos, m->rope_sin, N, T, d->H, width, d->hd, off, d->rope_dim, 1);
+      be->rope(be, dk, m->rope_cos, m->rope_sin, N, T, d->Hkv, width, d->hd, off, d->rope_dim, 1);
+    }
+    be->gemm(be, m->g_xn, dqkv, W(m, lp->wq), N, d->D, width, 0, 0, 1, 0, 0);
+    be->gemm(be, G(m, lp->wq), dqkv, a->xn1, width, d->D, N, 1, 0, 1, 1, 0);
+  }
+  be->rmsnorm_bwd(be, m->g_res, G(m, lp->attn_norm), m->g_xn, x, W(m, lp->attn_norm), a->rstd1, N,
+                  d->D, d->D, d->D, 1);
+}
+
+/* ---------------------------------------------------------------- ffn */
+
+/* y = x + ffn(rmsnorm(x)) */
+static void ffn_forward(Model *m, int l, const void *x, void *y) {
+  Backend *be = m->be;
+  const ModelDims *d = &m->d;
+  const LayerParams *lp = &m->lp[l];
+  LayerActs *a = &m->acts[l];
+  const int N = m->B * m->T, M = N * d->K;
+  be->rmsnorm_fwd(be, a->xn2, a->rstd2, x, W(m, lp->ffn_norm), N, d->D, d->D, d->D,
+                  (float)m->cfg.rms_norm_eps);
+  void *out = m->g_tmp;
+  if (lp->moe_index < 0) {
+    be->gemm(be, a->gu, a->xn2, W(m, lp->w1), N, 2 * d->F, d->D, 0, 1, 1, 0, 0);
+    be->swiglu_fwd(be, a->h, a->gu, N, d->F);
+    be->gemm(be, out, a->h, W(m, lp->w2), N, d->D, d->F, 0, 1, 1, 0, 0);
+  } else {
+    const int li = lp->moe_index, E = d->E;
+    void *bias = F32AT(m, m->router_bias, (size_t)li * E);
+    be->router_fwd(be, a->scores, a->idx, a->w, a->counts, m->cfg.aux_loss_alpha > 0 ? a->imp : NULL,
+                   a->xn2, W(m, lp->gate), bias, N, d->D, E, d->K, (float)m->cfg.route_scale);
+    be->moe_sort(be, a->off, a->row_of, a->pair_of, a->idx, N, d->K, E);
+    be->download(be, m->off_host, a->off, (size_t)(E + 1) * sizeof(int32_t));
+    int32_t *cnt = m->counts_host + (size_t)li * E;
+    for (int e = 0; e < E; e++) cnt[e] = m->off_host[e + 1] - m->off_host[e];
+    if (m->cfg.aux_loss_alpha > 0) be->get(be, m->imp_host + (size_t)li * E, BUF_F32, a->imp, E);
+    be->moe_gather(be, a->xe, a->xn2, a->pair_of, N, d->K, d->D);
+    be->grouped_gemm(be, GG_FWD, a->gu_e, a->xe, W(m, lp->exp_w13), a->off, m->off_host, E, M,
+                     2 * d->Fm, d->D);
+    be->swiglu_fwd(be, a->h_e, a->gu_e, M, d->Fm);
+    be->grouped_gemm(be, GG_FWD, a->ye, a->h_e, W(m, lp->exp_w2), a->off, m->off_host, E, M, d->D,
+                     d->Fm);
+    if (d->Fs > 0) {
+      be->gemm(be, a->gu_s, a->xn2, W(m, lp->sh_w1), N, 2 * d->Fs, d->D, 0, 1, 1, 0, 0);
+      be->swiglu_fwd(be, a->h_s, a->gu_s, N, d->Fs);
+      be->gemm(be, out, a->h_s, W(m, lp->sh_w2), N, d->D, d->Fs, 0, 1, 1, 0, 0);
+    }
+    be->moe_combine(be, out, a->ye, a->w, a->row_of, N, d->K, d->D, d->Fs > 0);
+  }
+  be->add(be, y, x, out, (size_t)N * d->D);
+}
+
+/* Switch-style aux loss of layer li from the last forward's statistics;
+ * fills load_frac (host [E]) and returns the loss value. */
+static double aux_loss(const Model *m, int li, float *load_frac) {
+  const int E = m->d.E, N = m->B * m->T;
+  const int32_t *c = m->counts_host + (size_t)li * E;
+  const float *imp = m->imp_host + (size_t)li * E;
+  double loss = 0;
+  for (int e = 0; e < E; e++) {
+    load_frac[e] = (float)c[e] / ((float)N * m->d.K);
+    loss += (imp[e] / N) * load_frac[e];
+  }
+  return m->cfg.aux_loss_alpha * E * loss;
+}
+
+/* g_res holds dL/dy on entry and dL/dx on return. */
+static void ffn_backward(Model *m, int l, const void *x) {
+  Backend *be = m->be;
+  const ModelDims *d = &m->d;
+  const LayerParams *lp = &m->lp[l];
+  LayerActs *a = &m->acts[l];
+  const int N = m->B * m->T, M = N * d->K;
+  void **g = m->g_big;
+  void *dy = m->g_res;
+  if (lp->moe_index < 0) {
+    be->gemm(be, g[0], dy, W(m, lp->w2), N, d->F, d->D, 0, 0, 1, 0, 0);
+    be->gemm(be, G(m, lp->w2), dy, a->h, d->D, d->F, N, 1, 0, 1, 1, 0);
+    be->swiglu_bwd(be, g[1], g[0], a->gu, N, d->F);
+    be->gemm(be, m->g_xn, g[1], W(m, lp->w1), N, d->D, 2 * d->F, 0, 0, 1, 0, 0);
+    be->gemm(be, G(m, lp->w1), g[1], a->xn2, 2 * d->F, d->D, N, 1, 0, 1, 1, 0);
+  } else {
+    const int li = lp->moe_index, E = d->E;
+    void *dw = g[3]; /* F32 [N,K] */
+    /* off_host of this layer: recomputed from the saved counts. */
+    const int32_t *cnt = m->counts_host + (size_t)li * E;
+    m->off_host[0] = 0;
+    for (int e = 0; e < E; e++) m->off_host[e + 1] = m->off_host[e] + cnt[e];
+    be->moe_combine_bwd(be, g[0], dw, dy, a->ye, a->w, a->row_of, N, d->K, d->D);
+    be->grouped_gemm(be, GG_DX, g[1], g[0], W(m, lp->exp_w2), a->off, m->off_host, E, M, d->D, d->Fm);
+    be->grouped_gemm(be, GG_DW, G(m, lp->exp_w2), a->h_e, g[0], a->off, m->off_host, E, M, d->D,
+                     d->Fm);
+    be->swiglu_bwd(be, g[2], g[1], a->gu_e, M, d->Fm);
+    be->grouped_gemm(be, GG_DX, g[0], g[2], W(m, lp->exp_w13), a->off, m->off_host, E, M,
+                     2 * d->Fm, d->D);
+    be->grouped_gemm(be, GG_DW, G(m, lp->exp_w13), a->xe, g[2], a->off, m->off_host, E, M,
+                     2 * d->Fm, d->D);
+    be->moe_gather_bwd(be, m->g_xn, g[0], a->row_of, N, d->K, d->D, 0);
+    if (d->Fs > 0) {
+      be->gemm(be, g[1], dy, W(m, lp->sh_w2), N, d->Fs, d->D, 0, 0, 1, 0, 0);
+      be->gemm(be, G(m, lp->sh_w2), dy, a->h_s, d->D, d->Fs, N, 1, 0, 1, 1, 0);
+      be->swiglu_bwd(be, g[2], g[1], a->gu_s, N, d->Fs);
+      be->gemm(be, m->g_xn, g[2], W(m, lp->sh_w1), N, d->D, 2 * d->Fs, 0, 0, 1, 1, 0);
+      be->gemm(be, G(m, lp->sh_w1), g[2], a->xn2, 2 * d->Fs, d->D, N, 1, 0, 1, 1, 0);
+    }
+    float aux_coef = 0;
+    void *load_dev = NULL;
+    if (m->cfg.aux_loss_alpha > 0) {
+      float load_frac[E];
+      aux_loss(m, li, load_frac);
+      aux_coef = (float)(m->cfg.aux_loss_alpha * E / N);
+      load_dev = a->imp; /* the importance buffer is free again: reuse it for f */
+      be->put(be, load_dev, BUF_F32, load_frac, E);
+    }
+    be->router_bwd(be, m->g_xn, G(m, lp->gate), dw, a->scores, a->idx, a->xn2, W(m, lp->gate), N,
+                   d->D, E, d->K, (float)m->cfg.route_scale, aux_coef, load_dev);
+  }
+  be->rmsnorm_bwd(be, m->g_res, G(m, lp->ffn_norm), m->g_xn, x, W(m, lp->ffn_norm), a->rstd2, N,
+                  d->D, d->D, d->D, 1);
+}
+
+/* ---------------------------------------------------------------- whole model */
+
+static int64_t count_valid(const Model *m, const int32_t *targets, size_t N) {
+  if (!m->cfg.loss_mask_eos) return (int64_t)N;
+  int64_t n = 0;
+  for (size_t i = 0; i < N; i++) n += targets[i] != (int32_t)m->cfg.eos_token_id;
+  return n;
+}
+
+static void *res_at(Model *m, int l) { return ACT(m, m->res, (size_t)l * m->B * m->T * m->d.D); }
+static void *mid_at(Model *m, int l) { return ACT(m, m->mid, (size_t)l * m->B * m->T * m->d.D); }
+
+/* Forward through the final norm; leaves xf ready for the loss. */
+static void forward_trunk(Model *m, const int32_t *inputs, const int32_t *targets, int B, int T) {
+  ensure_acts(m, B, T);
+  Backend *be = m->be;
+  const int N = B * T, D = m->d.D;
+  be->upload(be, m->tok_in, inputs, (size_t)N * sizeof(int32_t));
+  be->upload(be, m->tok_tgt, targets, (size_t)N * sizeof(int32_t));
+  be->embed_fwd(be, res_at(m, 0), m->tok_in, W(m, m->embedding), N, D, (float)m->cfg.embed_scale);
+  for (int l = 0; l < m->d.L; l++) {
+    attn_forward(m, l, res_at(m, l), mid_at(m, l));
+    ffn_forward(m, l, mid_at(m, l), res_at(m, l + 1));
+  }
+  be->rmsnorm_fwd(be, m->xf, m->rstd_f, res_at(m, m->d.L), W(m, m->final_norm), N, D, D, D,
+                  (float)m->cfg.rms_norm_eps);
+  m->last_aux_loss = 0;
+  if (m->cfg.aux_loss_alpha > 0) {
+    float load_frac[m->d.E > 0 ? m->d.E : 1];
+    for (int li = 0; li < m->n_moe; li++) m->last_aux_loss += aux_loss(m, li, load_frac);
+  }
+}
+
+static int mask_id(const Model *m) {
+  return m->cfg.loss_mask_eos ? (int)m->cfg.eos_token_id : -1;
+}
+
+double model_eval_loss(Model *m, const int32_t *inputs, const int32_t *targets, int B, int T,
+                       int64_t *n_valid) {
+  forward_trunk(m, inputs, targets, B, T);
+  const int N = B * T;
+  *n_valid = count_valid(m, targets, (size_t)N);
+  return m->be->xent(m->be, NULL, NULL, m->xf, W(m, m->lm_head), m->tok_tgt, N, m->d.D, m->d.V,
+                     (float)m->cfg.logits_scale, mask_id(m), 0);
+}
+
+double model_train_step_grads(Model *m, const int32_t *inputs, const int32_t *targets, int B, int T,
+                              int64_t n_valid_total) {
+  Backend *be = m->be;
+  forward_trunk(m, inputs, targets, B, T);
+  const int N = B * T, D = m->d.D;
+  int64_t n_valid = count_valid(m, targets, (size_t)N);
+  m->last_n_valid = n_valid;
+  if (n_valid_total <= 0) n_valid_total = n_valid;
+  float grad_scale = n_valid_total > 0 ? 1.0f / (float)n_valid_total : 0.0f;
+  be->zero(be, m->grads, m->pt.total * be->size[BUF_ACT]);
+  double loss_sum = be->xent(be, m->g_xn, G(m, m->lm_head), m->xf, W(m, m->lm_head), m->tok_tgt, N,
+                             D, m->d.V, (float)m->cfg.logits_scale, mask_id(m), grad_scale);
+  be->rmsnorm_bwd(be, m->g_res, G(m, m->final_norm), m->g_xn, res_at(m, m->d.L),
+                  W(m, m->final_norm), m->rstd_f, N, D, D, D, 0);
+  for (int l = m->d.L - 1; l >= 0; l--) {
+    ffn_backward(m, l, mid_at(m, l));
+    attn_backward(m, l, res_at(m, l));
+  }
+  be->embed_bwd(be, G(m, m->embedding), m->tok_in, m->g_res, N, D, m->d.V,
+                (float)m->cfg.embed_scale);
+  return n_valid > 0 ? loss_sum / (double)n_valid : 0.0;
+}
