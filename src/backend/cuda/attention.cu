@@ -1,13 +1,580 @@
-/* attention.cu: fused causal attention forward and backward (stub). */
+/* attention.cu: fused causal attention (flash-attention style) on tensor cores.
+ *
+ * bf16 operands, fp32 accumulation, warp-level mma.sync m16n8k16 fed by
+ * ldmatrix from XOR-swizzled shared memory, tiles staged with cp.async
+ * (double buffered). Head dims are template parameters: (64,64), (128,128)
+ * and the MLA pair (192,128).
+ *
+ * Forward (one CTA per 64 queries of one (sequence, head)): S = Q K^T per key
+ * block, online softmax in fp32 (base-2 exponent with the scale folded in),
+ * O += P V; writes o (bf16) and lse (natural log, F32 [B, Hq, T]).
+ *
+ * Backward, deterministic without atomics, three kernels:
+ *   attn_bwd_dot   D[b,h,i] = sum_c dO*O (fp32, scratch)
+ *   attn_bwd_dkdv  one CTA per 64 keys of one kv head: loops over the query
+ *                  heads of its GQA group and over query blocks in a fixed
+ *                  order, recomputing P^T, accumulating dV += P^T dO and
+ *                  dK += dS^T Q in registers, then writes them once.
+ *   attn_bwd_dq    one CTA per 64 queries of one head: recomputes P and dP
+ *                  and accumulates dQ += dS K in registers.
+ * The separate dQ pass costs one extra QK^T and dO V^T product per tile
+ * (7 products instead of 5) but needs no fp32 dQ buffer and no ordering
+ * between CTAs: it is the simplest deterministic scheme.
+ *
+ * Fragment layout of mma.m16n8k16 (g = lane/4, t = lane%4): accumulator
+ * c0,c1 = (row g, cols 2t,2t+1), c2,c3 = (row g+8, same cols). Each thread
+ * therefore owns two rows of every 16-row tile; row reductions use shuffles
+ * among the 4 lanes of a quad. */
 #include "backend/cuda/cuda_common.h"
 #include "backend/cuda/cuda_ops.h"
 
+#include <math.h>
+
+#define ATT_WARPS 4
+#define ATT_THREADS (ATT_WARPS * 32)
+#define ATT_BM 64 /* queries per CTA (fwd, dq): 16 per warp */
+#define ATT_BN 64 /* keys per tile (fwd, dq) and keys per CTA (dkdv) */
+#define ATT_BQ 32 /* queries per tile in dkdv (fewer live registers) */
+#define LOG2E 1.4426950408889634f
+#define LN2 0.6931471805599453f
+
+/* ---------------------------------------------------------------- helpers */
+
+/* Element offset of (r, c) in a [rows, D] bf16 tile whose 16-byte chunks are
+ * XOR-swizzled by row: ldmatrix's 8 row addresses then hit 8 distinct bank
+ * groups (D >= 64, so every row has at least 8 chunks). */
+__device__ __forceinline__ int swz(int r, int c, int D) {
+  return r * D + ((((c >> 3) ^ (r & 7))) << 3) + (c & 7);
+}
+
+__device__ __forceinline__ uint32_t smem_addr(const void *p) {
+  return (uint32_t)__cvta_generic_to_shared(p);
+}
+
+/* 16-byte async copy; rows past the end are zero-filled (src_bytes = 0). */
+__device__ __forceinline__ void cp_async16(void *dst, const void *src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+               "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n"); }
+
+/* Stage rows [row0, row0+R) of a [T, ld] bf16 matrix (columns [0, D) from
+ * base) into a swizzled [R, D] tile; rows >= T become zeros. */
+template <int R, int D>
+__device__ __forceinline__ void tile_load(bf16 *tile, const bf16 *base, int ld, int row0, int T) {
+  constexpr int CH = D / 8;
+  for (int idx = threadIdx.x; idx < R * CH; idx += ATT_THREADS) {
+    int r = idx / CH, c = (idx % CH) * 8;
+    bool ok = row0 + r < T;
+    const bf16 *src = base + (size_t)(ok ? row0 + r : 0) * ld + c;
+    cp_async16(tile + swz(r, c, D), src, ok);
+  }
+}
+
+__device__ __forceinline__ void ldsm_x4(uint32_t a, uint32_t *r) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+}
+__device__ __forceinline__ void ldsm_x4_t(uint32_t a, uint32_t *r) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+}
+
+/* A fragment (16 x 16) of a row-major [m][k] tile at (row0, k0). */
+template <int D>
+__device__ __forceinline__ void frag_a(const bf16 *tile, int row0, int k0, uint32_t *a) {
+  int l = threadIdx.x & 31;
+  ldsm_x4(smem_addr(tile + swz(row0 + (l & 15), k0 + ((l >> 4) << 3), D)), a);
+}
+/* B fragments of two n-tiles (n0, n0+8) x 16 k from a tile stored [n][k]:
+ * b[0..1] for n0, b[2..3] for n0+8. */
+template <int D>
+__device__ __forceinline__ void frag_b_nk(const bf16 *tile, int n0, int k0, uint32_t *b) {
+  int l = threadIdx.x & 31;
+  ldsm_x4(smem_addr(tile + swz(n0 + (l & 7) + ((l >> 4) << 3), k0 + (((l >> 3) & 1) << 3), D)), b);
+}
+/* Same from a tile stored [k][n] (transposing load). */
+template <int D>
+__device__ __forceinline__ void frag_b_kn(const bf16 *tile, int k0, int n0, uint32_t *b) {
+  int l = threadIdx.x & 31;
+  ldsm_x4_t(smem_addr(tile + swz(k0 + (l & 7) + (((l >> 3) & 1) << 3), n0 + ((l >> 4) << 3), D)),
+            b);
+}
+
+__device__ __forceinline__ void mma16816(float *c, const uint32_t *a, uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *(uint32_t *)&v;
+}
+
+/* acc[16 x 8*NT] += A(16 x 16*KT, smem [m][k] at row0) * B where B's rows
+ * are n (tile stored [n][k], n from 0). */
+template <int KT, int NT, int DA, int DB>
+__device__ __forceinline__ void mma_smem_nk(float (*acc)[4], const bf16 *ta, int row0,
+                                            const bf16 *tb) {
+#pragma unroll
+  for (int kk = 0; kk < KT; kk++) {
+    uint32_t a[4];
+    frag_a<DA>(ta, row0, kk * 16, a);
+#pragma unroll
+    for (int nt = 0; nt < NT; nt += 2) {
+      uint32_t b[4];
+      frag_b_nk<DB>(tb, nt * 8, kk * 16, b);
+      mma16816(acc[nt], a, b[0], b[1]);
+      mma16816(acc[nt + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+/* acc[16 x 8*NT] += P(16 x 16*KT, register accumulator layout, converted to
+ * bf16) * B where B is stored [k][n] (k from 0). */
+template <int KT, int NT, int DB>
+__device__ __forceinline__ void mma_regs_kn(float (*acc)[4], const float (*p)[4], const bf16 *tb) {
+#pragma unroll
+  for (int kk = 0; kk < KT; kk++) {
+    uint32_t a[4];
+    a[0] = pack_bf16(p[2 * kk][0], p[2 * kk][1]);
+    a[1] = pack_bf16(p[2 * kk][2], p[2 * kk][3]);
+    a[2] = pack_bf16(p[2 * kk + 1][0], p[2 * kk + 1][1]);
+    a[3] = pack_bf16(p[2 * kk + 1][2], p[2 * kk + 1][3]);
+#pragma unroll
+    for (int nt = 0; nt < NT; nt += 2) {
+      uint32_t b[4];
+      frag_b_kn<DB>(tb, kk * 16, nt * 8, b);
+      mma16816(acc[nt], a, b[0], b[1]);
+      mma16816(acc[nt + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+/* Key j visible to query i (both < T checked by the caller's ranges). */
+__device__ __forceinline__ bool att_visible(int i, int j, int T, int window) {
+  return j <= i && j < T && i < T && (window <= 0 || j > i - window);
+}
+
+__device__ __forceinline__ int cdiv(int a, int b) { return (a + b - 1) / b; }
+
+/* First key tile a query block [m0, m0+BM) can see. */
+__device__ __forceinline__ int first_key_tile(int m0, int window) {
+  return window > 0 ? max(0, m0 - window + 1) / ATT_BN : 0;
+}
+
+/* ---------------------------------------------------------------- forward */
+
+template <int DQK, int DV>
+__global__ void __launch_bounds__(ATT_THREADS)
+    attn_fwd_kernel(bf16 *__restrict__ o, float *__restrict__ lse, const bf16 *__restrict__ q,
+                    const bf16 *__restrict__ k, const bf16 *__restrict__ v, AttnShape s) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  bf16 *sq = (bf16 *)smem_raw;             /* [BM, DQK] */
+  bf16 *sk = sq + ATT_BM * DQK;            /* 2 x [BN, DQK] */
+  bf16 *sv = sk + 2 * ATT_BN * DQK;        /* 2 x [BN, DV] */
+  const int T = s.T, b = blockIdx.z, h = blockIdx.y, hk = h / (s.Hq / s.Hkv);
+  const int mb = gridDim.x - 1 - blockIdx.x; /* longest rows first */
+  const int m0 = mb * ATT_BM;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const bf16 *qb = q + (size_t)b * T * s.ldq + (size_t)h * DQK;
+  const bf16 *kb = k + (size_t)b * T * s.ldk + (size_t)hk * DQK;
+  const bf16 *vb = v + (size_t)b * T * s.ldv + (size_t)hk * DV;
+  const float sl2 = s.scale * LOG2E;
+
+  const int n_first = first_key_tile(m0, s.window);
+  const int n_end = cdiv(min(T, m0 + ATT_BM), ATT_BN);
+
+  tile_load<ATT_BM, DQK>(sq, qb, s.ldq, m0, T);
+  tile_load<ATT_BN, DQK>(sk, kb, s.ldk, n_first * ATT_BN, T);
+  tile_load<ATT_BN, DV>(sv, vb, s.ldv, n_first * ATT_BN, T);
+  cp_async_commit();
+
+  float acc[DV / 8][4];
+#pragma unroll
+  for (int i = 0; i < DV / 8; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+  float mrow[2] = {-INFINITY, -INFINITY}, lrow[2] = {0.f, 0.f};
+  const int qi0 = m0 + warp * 16 + g; /* this thread's rows: qi0, qi0 + 8 */
+
+  for (int nb = n_first; nb < n_end; nb++) {
+    const int buf = (nb - n_first) & 1;
+    cp_async_wait_all();
+    __syncthreads();
+    if (nb + 1 < n_end) { /* prefetch the next tile into the other buffer */
+      tile_load<ATT_BN, DQK>(sk + (buf ^ 1) * ATT_BN * DQK, kb, s.ldk, (nb + 1) * ATT_BN, T);
+      tile_load<ATT_BN, DV>(sv + (buf ^ 1) * ATT_BN * DV, vb, s.ldv, (nb + 1) * ATT_BN, T);
+    }
+    cp_async_commit();
+    const bf16 *tk = sk + buf * ATT_BN * DQK, *tv = sv + buf * ATT_BN * DV;
+
+    float sc[ATT_BN / 8][4];
+#pragma unroll
+    for (int i = 0; i < ATT_BN / 8; i++) sc[i][0] = sc[i][1] = sc[i][2] = sc[i][3] = 0.f;
+    mma_smem_nk<DQK / 16, ATT_BN / 8, DQK, DQK>(sc, sq, warp * 16, tk);
+
+    const int n0 = nb * ATT_BN;
+    const bool need_mask = n0 + ATT_BN - 1 > m0 || n0 + ATT_BN > T ||
+                           (s.window > 0 && n0 <= m0 + ATT_BM - 1 - s.window);
+    float mx[2] = {mrow[0], mrow[1]};
+#pragma unroll
+    for (int nt = 0; nt < ATT_BN / 8; nt++) {
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        float x = sc[nt][e] * sl2;
+        if (need_mask && !att_visible(qi0 + (e >> 1) * 8, n0 + nt * 8 + 2 * t + (e & 1), T,
+                                      s.window))
+          x = -INFINITY;
+        sc[nt][e] = x;
+        mx[e >> 1] = fmaxf(mx[e >> 1], x);
+      }
+    }
+    float alpha[2], base[2];
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+      base[r] = mx[r] == -INFINITY ? 0.f : mx[r]; /* a row with nothing visible yet */
+      alpha[r] = exp2f(mrow[r] - base[r]);
+      mrow[r] = mx[r];
+      lrow[r] *= alpha[r];
+    }
+#pragma unroll
+    for (int nt = 0; nt < ATT_BN / 8; nt++) {
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        float p = exp2f(sc[nt][e] - base[e >> 1]);
+        sc[nt][e] = p;
+        lrow[e >> 1] += p;
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < DV / 8; i++) {
+      acc[i][0] *= alpha[0]; acc[i][1] *= alpha[0];
+      acc[i][2] *= alpha[1]; acc[i][3] *= alpha[1];
+    }
+    mma_regs_kn<ATT_BN / 16, DV / 8, DV>(acc, sc, tv);
+  }
+
+  /* Epilogue: normalise, write o and lse (rows past T are not written). */
+#pragma unroll
+  for (int r = 0; r < 2; r++) {
+    lrow[r] += __shfl_xor_sync(0xffffffffu, lrow[r], 1);
+    lrow[r] += __shfl_xor_sync(0xffffffffu, lrow[r], 2);
+  }
+  const int ldo = s.Hq * DV;
+#pragma unroll
+  for (int r = 0; r < 2; r++) {
+    const int i = qi0 + r * 8;
+    if (i >= T) continue;
+    const float inv = 1.f / lrow[r];
+    bf16 *orow = o + ((size_t)b * T + i) * ldo + (size_t)h * DV;
+#pragma unroll
+    for (int nt = 0; nt < DV / 8; nt++)
+      *(__nv_bfloat162 *)(orow + nt * 8 + 2 * t) =
+          __floats2bfloat162_rn(acc[nt][2 * r] * inv, acc[nt][2 * r + 1] * inv);
+    if (t == 0) lse[((size_t)b * s.Hq + h) * T + i] = (mrow[r] + log2f(lrow[r])) * LN2;
+  }
+}
+
+/* --------------------------------------------------------------- backward */
+
+/* D[b,h,i] = sum_c dO[b,i,h,c] * O[b,i,h,c]; one warp per (token, head). */
+template <int DV>
+__global__ void attn_bwd_dot_kernel(float *__restrict__ dd, const bf16 *__restrict__ dout,
+                                    const bf16 *__restrict__ o, int N, int T, int Hq) {
+  const int w = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+  if (w >= N * Hq) return;
+  const int n = w / Hq, h = w % Hq;
+  const size_t off = (size_t)n * Hq * DV + (size_t)h * DV;
+  float acc = 0.f;
+  for (int c = lane * 2; c < DV; c += 64) {
+    float2 a = __bfloat1622float2(*(const __nv_bfloat162 *)(dout + off + c));
+    float2 bb = __bfloat1622float2(*(const __nv_bfloat162 *)(o + off + c));
+    acc += a.x * bb.x + a.y * bb.y;
+  }
+#pragma unroll
+  for (int m = 16; m > 0; m >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, m);
+  if (lane == 0) {
+    const int b = n / T, i = n % T;
+    dd[((size_t)b * Hq + h) * T + i] = acc;
+  }
+}
+
+/* dK, dV for ATT_BN keys of one kv head (16 keys per warp, as the rows of
+ * transposed products S^T = K Q^T and dP^T = V dO^T). */
+template <int DQK, int DV>
+__global__ void __launch_bounds__(ATT_THREADS)
+    attn_bwd_dkdv_kernel(bf16 *__restrict__ dk, bf16 *__restrict__ dv,
+                         const bf16 *__restrict__ dout, const bf16 *__restrict__ q,
+                         const bf16 *__restrict__ k, const bf16 *__restrict__ v,
+                         const float *__restrict__ lse, const float *__restrict__ dd,
+                         AttnShape s) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  bf16 *sk = (bf16 *)smem_raw;            /* [BN, DQK] */
+  bf16 *sv = sk + ATT_BN * DQK;           /* [BN, DV] */
+  bf16 *sq = sv + ATT_BN * DV;            /* 2 x [BQ, DQK] */
+  bf16 *sdo = sq + 2 * ATT_BQ * DQK;      /* 2 x [BQ, DV] */
+  float *slse = (float *)(sdo + 2 * ATT_BQ * DV); /* 2 x [BQ] (base-2 lse) */
+  float *sdd = slse + 2 * ATT_BQ;                 /* 2 x [BQ] */
+  const int T = s.T, b = blockIdx.z, hk = blockIdx.y, G = s.Hq / s.Hkv;
+  const int n0 = (gridDim.x - 1 - blockIdx.x) * ATT_BN;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int ldo = s.Hq * DV;
+  const float sl2 = s.scale * LOG2E;
+
+  /* Query tiles that see any key of this block: [n0, n0 + BN - 1 + window). */
+  const int m_first = n0 / ATT_BQ;
+  const int m_stop = s.window > 0 ? min(T, n0 + ATT_BN - 1 + s.window) : T;
+  const int n_mt = cdiv(m_stop, ATT_BQ) - m_first;
+  const int n_it = G * n_mt;
+
+  const bf16 *kb = k + (size_t)b * T * s.ldk + (size_t)hk * DQK;
+  const bf16 *vb = v + (size_t)b * T * s.ldv + (size_t)hk * DV;
+  tile_load<ATT_BN, DQK>(sk, kb, s.ldk, n0, T);
+  tile_load<ATT_BN, DV>(sv, vb, s.ldv, n0, T);
+
+  /* Stage query tile `it` (head-major, then query tiles) into buffer buf. */
+  auto stage = [&](int it, int buf) {
+    const int h = hk * G + it / n_mt, m0 = (m_first + it % n_mt) * ATT_BQ;
+    tile_load<ATT_BQ, DQK>(sq + buf * ATT_BQ * DQK, q + (size_t)b * T * s.ldq + (size_t)h * DQK,
+                           s.ldq, m0, T);
+    tile_load<ATT_BQ, DV>(sdo + buf * ATT_BQ * DV, dout + (size_t)b * T * ldo + (size_t)h * DV,
+                          ldo, m0, T);
+    for (int r = threadIdx.x; r < ATT_BQ; r += ATT_THREADS) {
+      const size_t row = ((size_t)b * s.Hq + h) * T + m0 + r;
+      const bool ok = m0 + r < T;
+      slse[buf * ATT_BQ + r] = ok ? lse[row] * LOG2E : 0.f;
+      sdd[buf * ATT_BQ + r] = ok ? dd[row] : 0.f;
+    }
+  };
+  stage(0, 0);
+  cp_async_commit();
+
+  float adk[DQK / 8][4], adv[DV / 8][4];
+#pragma unroll
+  for (int i = 0; i < DQK / 8; i++) adk[i][0] = adk[i][1] = adk[i][2] = adk[i][3] = 0.f;
+#pragma unroll
+  for (int i = 0; i < DV / 8; i++) adv[i][0] = adv[i][1] = adv[i][2] = adv[i][3] = 0.f;
+  const int kj0 = n0 + warp * 16 + g; /* this thread's keys: kj0, kj0 + 8 */
+
+  for (int it = 0; it < n_it; it++) {
+    const int buf = it & 1;
+    const int m0 = (m_first + it % n_mt) * ATT_BQ;
+    cp_async_wait_all();
+    __syncthreads();
+    if (it + 1 < n_it) stage(it + 1, buf ^ 1);
+    cp_async_commit();
+    const bf16 *tq = sq + buf * ATT_BQ * DQK, *tdo = sdo + buf * ATT_BQ * DV;
+    const float *tl = slse + buf * ATT_BQ, *tdd = sdd + buf * ATT_BQ;
+
+    float pt[ATT_BQ / 8][4], dpt[ATT_BQ / 8][4];
+#pragma unroll
+    for (int i = 0; i < ATT_BQ / 8; i++)
+      pt[i][0] = pt[i][1] = pt[i][2] = pt[i][3] = dpt[i][0] = dpt[i][1] = dpt[i][2] = dpt[i][3] =
+          0.f;
+    mma_smem_nk<DQK / 16, ATT_BQ / 8, DQK, DQK>(pt, sk, warp * 16, tq);   /* S^T */
+    mma_smem_nk<DV / 16, ATT_BQ / 8, DV, DV>(dpt, sv, warp * 16, tdo);    /* dP^T */
+#pragma unroll
+    for (int nt = 0; nt < ATT_BQ / 8; nt++) {
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        const int c = nt * 8 + 2 * t + (e & 1); /* query column within the tile */
+        float p = exp2f(pt[nt][e] * sl2 - tl[c]);
+        if (!att_visible(m0 + c, kj0 + (e >> 1) * 8, T, s.window)) p = 0.f;
+        pt[nt][e] = p;
+        dpt[nt][e] = p * (dpt[nt][e] - tdd[c]); /* dS^T (unscaled) */
+      }
+    }
+    mma_regs_kn<ATT_BQ / 16, DV / 8, DV>(adv, pt, tdo);  /* dV += P^T dO */
+    mma_regs_kn<ATT_BQ / 16, DQK / 8, DQK>(adk, dpt, tq); /* dK += dS^T Q */
+  }
+
+  /* Write dK (scaled) and dV rows < T. */
+  const int gbase = b * T;
+#pragma unroll
+  for (int r = 0; r < 2; r++) {
+    const int j = kj0 + r * 8;
+    if (j >= T) continue;
+    bf16 *krow = dk + (size_t)(gbase + j) * s.ldk + (size_t)hk * DQK;
+    bf16 *vrow = dv + (size_t)(gbase + j) * s.ldv + (size_t)hk * DV;
+#pragma unroll
+    for (int nt = 0; nt < DQK / 8; nt++)
+      *(__nv_bfloat162 *)(krow + nt * 8 + 2 * t) =
+          __floats2bfloat162_rn(adk[nt][2 * r] * s.scale, adk[nt][2 * r + 1] * s.scale);
+#pragma unroll
+    for (int nt = 0; nt < DV / 8; nt++)
+      *(__nv_bfloat162 *)(vrow + nt * 8 + 2 * t) =
+          __floats2bfloat162_rn(adv[nt][2 * r], adv[nt][2 * r + 1]);
+  }
+}
+
+/* dQ for ATT_BM queries of one head: dQ = scale * sum over key tiles of dS K. */
+template <int DQK, int DV>
+__global__ void __launch_bounds__(ATT_THREADS)
+    attn_bwd_dq_kernel(bf16 *__restrict__ dq, const bf16 *__restrict__ dout,
+                       const bf16 *__restrict__ q, const bf16 *__restrict__ k,
+                       const bf16 *__restrict__ v, const float *__restrict__ lse,
+                       const float *__restrict__ dd, AttnShape s) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  bf16 *sq = (bf16 *)smem_raw;        /* [BM, DQK] */
+  bf16 *sdo = sq + ATT_BM * DQK;      /* [BM, DV] */
+  bf16 *sk = sdo + ATT_BM * DV;       /* 2 x [BN, DQK] */
+  bf16 *sv = sk + 2 * ATT_BN * DQK;   /* 2 x [BN, DV] */
+  const int T = s.T, b = blockIdx.z, h = blockIdx.y, hk = h / (s.Hq / s.Hkv);
+  const int m0 = (gridDim.x - 1 - blockIdx.x) * ATT_BM;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int ldo = s.Hq * DV;
+  const float sl2 = s.scale * LOG2E;
+  const bf16 *kb = k + (size_t)b * T * s.ldk + (size_t)hk * DQK;
+  const bf16 *vb = v + (size_t)b * T * s.ldv + (size_t)hk * DV;
+
+  const int n_first = first_key_tile(m0, s.window);
+  const int n_end = cdiv(min(T, m0 + ATT_BM), ATT_BN);
+  tile_load<ATT_BM, DQK>(sq, q + (size_t)b * T * s.ldq + (size_t)h * DQK, s.ldq, m0, T);
+  tile_load<ATT_BM, DV>(sdo, dout + (size_t)b * T * ldo + (size_t)h * DV, ldo, m0, T);
+  tile_load<ATT_BN, DQK>(sk, kb, s.ldk, n_first * ATT_BN, T);
+  tile_load<ATT_BN, DV>(sv, vb, s.ldv, n_first * ATT_BN, T);
+  cp_async_commit();
+
+  const int qi0 = m0 + warp * 16 + g;
+  float l2[2], dr[2];
+#pragma unroll
+  for (int r = 0; r < 2; r++) {
+    const int i = qi0 + r * 8;
+    const size_t row = ((size_t)b * s.Hq + h) * T + i;
+    l2[r] = i < T ? lse[row] * LOG2E : 0.f;
+    dr[r] = i < T ? dd[row] : 0.f;
+  }
+  float adq[DQK / 8][4];
+#pragma unroll
+  for (int i = 0; i < DQK / 8; i++) adq[i][0] = adq[i][1] = adq[i][2] = adq[i][3] = 0.f;
+
+  for (int nb = n_first; nb < n_end; nb++) {
+    const int buf = (nb - n_first) & 1;
+    cp_async_wait_all();
+    __syncthreads();
+    if (nb + 1 < n_end) {
+      tile_load<ATT_BN, DQK>(sk + (buf ^ 1) * ATT_BN * DQK, kb, s.ldk, (nb + 1) * ATT_BN, T);
+      tile_load<ATT_BN, DV>(sv + (buf ^ 1) * ATT_BN * DV, vb, s.ldv, (nb + 1) * ATT_BN, T);
+    }
+    cp_async_commit();
+    const bf16 *tk = sk + buf * ATT_BN * DQK, *tv = sv + buf * ATT_BN * DV;
+
+    float ps[ATT_BN / 8][4], dps[ATT_BN / 8][4];
+#pragma unroll
+    for (int i = 0; i < ATT_BN / 8; i++)
+      ps[i][0] = ps[i][1] = ps[i][2] = ps[i][3] = dps[i][0] = dps[i][1] = dps[i][2] = dps[i][3] =
+          0.f;
+    mma_smem_nk<DQK / 16, ATT_BN / 8, DQK, DQK>(ps, sq, warp * 16, tk); /* S */
+    mma_smem_nk<DV / 16, ATT_BN / 8, DV, DV>(dps, sdo, warp * 16, tv);  /* dP */
+    const int n0 = nb * ATT_BN;
+#pragma unroll
+    for (int nt = 0; nt < ATT_BN / 8; nt++) {
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        const int r = e >> 1;
+        float p = exp2f(ps[nt][e] * sl2 - l2[r]);
+        if (!att_visible(qi0 + r * 8, n0 + nt * 8 + 2 * t + (e & 1), T, s.window)) p = 0.f;
+        dps[nt][e] = p * (dps[nt][e] - dr[r]);
+      }
+    }
+    mma_regs_kn<ATT_BN / 16, DQK / 8, DQK>(adq, dps, tk); /* dQ += dS K */
+  }
+
+#pragma unroll
+  for (int r = 0; r < 2; r++) {
+    const int i = qi0 + r * 8;
+    if (i >= T) continue;
+    bf16 *qrow = dq + ((size_t)b * T + i) * s.ldq + (size_t)h * DQK;
+#pragma unroll
+    for (int nt = 0; nt < DQK / 8; nt++)
+      *(__nv_bfloat162 *)(qrow + nt * 8 + 2 * t) =
+          __floats2bfloat162_rn(adq[nt][2 * r] * s.scale, adq[nt][2 * r + 1] * s.scale);
+  }
+}
+
+/* ---------------------------------------------------------------- launch */
+
+static void attn_check(const AttnShape *s, const void *q, const void *k, const void *v) {
+  if (s->Hkv <= 0 || s->Hq % s->Hkv != 0)
+    nmoe_fatal("attention: Hq=%d is not a multiple of Hkv=%d", s->Hq, s->Hkv);
+  if (s->ldq % 8 || s->ldk % 8 || s->ldv % 8 || ((uintptr_t)q | (uintptr_t)k | (uintptr_t)v) % 16)
+    nmoe_fatal("attention: q/k/v rows must be 16-byte aligned (strides %d/%d/%d elements)",
+               s->ldq, s->ldk, s->ldv);
+}
+
+static void unsupported(const AttnShape *s) {
+  nmoe_fatal("unsupported attention head dims dqk=%d dv=%d (supported: 64/64, 128/128, 192/128)",
+             s->dqk, s->dv);
+}
+
+template <int DQK, int DV>
+static void fwd_launch(Backend *be, bf16 *o, float *lse, const bf16 *q, const bf16 *k,
+                       const bf16 *v, const AttnShape *s) {
+  const size_t smem = (size_t)(ATT_BM * DQK + 2 * ATT_BN * (DQK + DV)) * sizeof(bf16);
+  CUDA_CHECK(cudaFuncSetAttribute(attn_fwd_kernel<DQK, DV>,
+                                  cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+  dim3 grid(ceil_div(s->T, ATT_BM), s->Hq, s->B);
+  attn_fwd_kernel<DQK, DV><<<grid, ATT_THREADS, smem, cuda_stream(be)>>>(o, lse, q, k, v, *s);
+  CUDA_LAUNCH_CHECK();
+}
+
+template <int DQK, int DV>
+static void bwd_launch(Backend *be, bf16 *dq, bf16 *dk, bf16 *dv, const bf16 *dout,
+                       const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *o,
+                       const float *lse, const AttnShape *s) {
+  cudaStream_t st = cuda_stream(be);
+  const int N = s->B * s->T;
+  float *dd = (float *)cuda_scratch(be, SCRATCH_ATTN, (size_t)N * s->Hq * sizeof(float));
+  attn_bwd_dot_kernel<DV><<<ceil_div((long)N * s->Hq, 8), 256, 0, st>>>(dd, dout, o, N, s->T,
+                                                                         s->Hq);
+  CUDA_LAUNCH_CHECK();
+
+  const size_t smem_kv = (size_t)(ATT_BN * (DQK + DV) + 2 * ATT_BQ * (DQK + DV)) * sizeof(bf16) +
+                         4 * ATT_BQ * sizeof(float);
+  CUDA_CHECK(cudaFuncSetAttribute(attn_bwd_dkdv_kernel<DQK, DV>,
+                                  cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_kv));
+  dim3 gkv(ceil_div(s->T, ATT_BN), s->Hkv, s->B);
+  attn_bwd_dkdv_kernel<DQK, DV><<<gkv, ATT_THREADS, smem_kv, st>>>(dk, dv, dout, q, k, v, lse, dd,
+                                                                   *s);
+  CUDA_LAUNCH_CHECK();
+
+  const size_t smem_q = (size_t)(ATT_BM * (DQK + DV) + 2 * ATT_BN * (DQK + DV)) * sizeof(bf16);
+  CUDA_CHECK(cudaFuncSetAttribute(attn_bwd_dq_kernel<DQK, DV>,
+                                  cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_q));
+  dim3 gq(ceil_div(s->T, ATT_BM), s->Hq, s->B);
+  attn_bwd_dq_kernel<DQK, DV><<<gq, ATT_THREADS, smem_q, st>>>(dq, dout, q, k, v, lse, dd, *s);
+  CUDA_LAUNCH_CHECK();
+}
+
 void cu_attn_fwd(Backend *be, void *o, void *lse, const void *q, const void *k, const void *v,
                  const AttnShape *s) {
-  nmoe_fatal("cu_attn_fwd: not implemented");
+  attn_check(s, q, k, v);
+  bf16 *O = (bf16 *)o;
+  const bf16 *Q = (const bf16 *)q, *K = (const bf16 *)k, *V = (const bf16 *)v;
+  if (s->dqk == 64 && s->dv == 64) fwd_launch<64, 64>(be, O, (float *)lse, Q, K, V, s);
+  else if (s->dqk == 128 && s->dv == 128) fwd_launch<128, 128>(be, O, (float *)lse, Q, K, V, s);
+  else if (s->dqk == 192 && s->dv == 128) fwd_launch<192, 128>(be, O, (float *)lse, Q, K, V, s);
+  else unsupported(s);
 }
 
 void cu_attn_bwd(Backend *be, void *dq, void *dk, void *dv, const void *dout, const void *q,
                  const void *k, const void *v, const void *o, const void *lse, const AttnShape *s) {
-  nmoe_fatal("cu_attn_bwd: not implemented");
+  attn_check(s, q, k, v);
+  bf16 *DQ = (bf16 *)dq, *DK = (bf16 *)dk, *DV = (bf16 *)dv;
+  const bf16 *DO = (const bf16 *)dout, *Q = (const bf16 *)q, *K = (const bf16 *)k,
+             *V = (const bf16 *)v, *O = (const bf16 *)o;
+  const float *L = (const float *)lse;
+  if (s->dqk == 64 && s->dv == 64) bwd_launch<64, 64>(be, DQ, DK, DV, DO, Q, K, V, O, L, s);
+  else if (s->dqk == 128 && s->dv == 128)
+    bwd_launch<128, 128>(be, DQ, DK, DV, DO, Q, K, V, O, L, s);
+  else if (s->dqk == 192 && s->dv == 128)
+    bwd_launch<192, 128>(be, DQ, DK, DV, DO, Q, K, V, O, L, s);
+  else unsupported(s);
 }

@@ -1,0 +1,362 @@
+/* test_attn.c: GPU check of the CUDA attention forward and backward.
+ *
+ * `test_attn` compares the CUDA backend's attn_fwd/attn_bwd with a float64
+ * host reference (plain loops over the same bf16-rounded inputs) on MHA, GQA,
+ * packed-stride MLA, sliding-window and ragged-T shapes; every output is
+ * poisoned with NaN first, columns outside the q/k/v regions of packed
+ * gradient buffers must come back unchanged, and a second run must give
+ * bit-identical bytes. Exit status 0 only when every check passes.
+ *
+ * Tolerances: outputs are bf16 (relative rounding 2^-9 ~ 2e-3 per element)
+ * and P, dS enter the second products as bf16, so the relative Frobenius
+ * error lands at a few 1e-3; 1e-2 is the bound for bf16 operands with fp32
+ * accumulation. lse is computed and stored in fp32 from the same inputs:
+ * absolute error within 1e-3.
+ *
+ * `test_attn --bench` times the MLA shape B=2 H=16 T=4096 (192/128) and MHA
+ * B=16 H=12 T=2048 d=64 with CUDA events (median of 20 after warm-up) and
+ * prints one JSON line per shape. */
+#include <cuda_runtime.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend/backend.h"
+#include "core/log.h"
+
+static uint64_t rng_state = 0x9E3779B97F4A7C15ull;
+static double rng_uniform(void) {
+  rng_state ^= rng_state >> 12;
+  rng_state ^= rng_state << 25;
+  rng_state ^= rng_state >> 27;
+  return ((rng_state * 0x2545F4914F6CDD1Dull) >> 11) * (1.0 / 9007199254740992.0);
+}
+static float rng_normal(void) {
+  double u = rng_uniform() + 1e-12, v = rng_uniform();
+  return (float)(sqrt(-2.0 * log(u)) * cos(6.283185307179586 * v));
+}
+
+/* Device ACT buffer of n elements filled with normal values; host copy holds
+ * the bf16-rounded values the device sees. */
+static void *dev_random(Backend *be, float *host, size_t n) {
+  for (size_t i = 0; i < n; i++) host[i] = rng_normal();
+  void *d = be->alloc(be, n * be->size[BUF_ACT]);
+  be->put(be, d, BUF_ACT, host, n);
+  be->get(be, host, BUF_ACT, d, n);
+  return d;
+}
+
+/* Fill a device buffer with NaN inside each row's region [c0, c0+w) of
+ * heads and a sentinel elsewhere (rows of stride ld). */
+#define SENTINEL 7.0f
+static void poison(Backend *be, void *d, BufKind kind, size_t rows, int ld, int c0, int w) {
+  float *h = xmalloc(rows * ld * sizeof(float));
+  for (size_t r = 0; r < rows; r++)
+    for (int c = 0; c < ld; c++) h[r * ld + c] = (c >= c0 && c < c0 + w) ? NAN : SENTINEL;
+  be->put(be, d, kind, h, rows * ld);
+  free(h);
+}
+
+typedef struct {
+  double num, den, maxerr;
+  long bad; /* NaN / unwritten */
+} Err;
+
+static void err_add(Err *e, double got, double ref) {
+  if (!isfinite(got)) { e->bad++; return; }
+  double d = got - ref;
+  e->num += d * d;
+  e->den += ref * ref;
+  if (fabs(d) > e->maxerr) e->maxerr = fabs(d);
+}
+
+static int failures = 0;
+static int report(const char *name, const char *what, Err e, double tol, int relative) {
+  double v = relative ? sqrt(e.num / (e.den > 0 ? e.den : 1)) : e.maxerr;
+  int ok = e.bad == 0 && v <= tol;
+  printf("  %-26s %-4s %s %.3e (tol %.0e)%s%s\n", name, what, relative ? "rel" : "max", v, tol,
+         e.bad ? " NON-FINITE" : "", ok ? "" : "  FAIL");
+  if (!ok) failures++;
+  return ok;
+}
+
+/* Host float64 reference. q [N, ldq], k [N, ldk], v [N, ldv], dout [N, Hq*dv].
+ * Writes o [N, Hq*dv], lse [B*Hq*T], dq/dk/dv in the packed layouts (only
+ * head regions; zero-initialised by the caller). */
+static void attn_ref(const AttnShape *s, const float *q, const float *k, const float *v,
+                     const float *dout, double *o, double *lse, double *dq, double *dk,
+                     double *dv) {
+  const int T = s->T, G = s->Hq / s->Hkv, ldo = s->Hq * s->dv;
+  double *p = xmalloc(T * sizeof(double)), *dp = xmalloc(T * sizeof(double));
+  for (int b = 0; b < s->B; b++)
+    for (int h = 0; h < s->Hq; h++) {
+      const int hk = h / G;
+      for (int i = 0; i < T; i++) {
+        const float *qi = q + (size_t)(b * T + i) * s->ldq + h * s->dqk;
+        const float *doi = dout + (size_t)(b * T + i) * ldo + h * s->dv;
+        double *oi = o + (size_t)(b * T + i) * ldo + h * s->dv;
+        int j0 = s->window > 0 && i - s->window + 1 > 0 ? i - s->window + 1 : 0;
+        double mx = -INFINITY, sum = 0, dsum = 0;
+        for (int j = j0; j <= i; j++) {
+          const float *kj = k + (size_t)(b * T + j) * s->ldk + hk * s->dqk;
+          double acc = 0;
+          for (int c = 0; c < s->dqk; c++) acc += (double)qi[c] * kj[c];
+          p[j] = acc * s->scale;
+          if (p[j] > mx) mx = p[j];
+        }
+        for (int j = j0; j <= i; j++) sum += (p[j] = exp(p[j] - mx));
+        lse[((size_t)b * s->Hq + h) * T + i] = mx + log(sum);
+        for (int c = 0; c < s->dv; c++) oi[c] = 0;
+        for (int j = j0; j <= i; j++) {
+          const float *vj = v + (size_t)(b * T + j) * s->ldv + hk * s->dv;
+          p[j] /= sum;
+          double acc = 0;
+          for (int c = 0; c < s->dv; c++) {
+            oi[c] += p[j] * vj[c];
+            acc += (double)doi[c] * vj[c];
+          }
+          dp[j] = acc;
+        }
+        for (int c = 0; c < s->dv; c++) dsum += doi[c] * oi[c];
+        double *dqi = dq + (size_t)(b * T + i) * s->ldq + h * s->dqk;
+        for (int j = j0; j <= i; j++) {
+          const float *kj = k + (size_t)(b * T + j) * s->ldk + hk * s->dqk;
+          double *dkj = dk + (size_t)(b * T + j) * s->ldk + hk * s->dqk;
+          double *dvj = dv + (size_t)(b * T + j) * s->ldv + hk * s->dv;
+          double ds = p[j] * (dp[j] - dsum) * s->scale;
+          for (int c = 0; c < s->dqk; c++) {
+            dqi[c] += ds * kj[c];
+            dkj[c] += ds * qi[c];
+          }
+          for (int c = 0; c < s->dv; c++) dvj[c] += p[j] * doi[c];
+        }
+      }
+    }
+  free(p);
+  free(dp);
+}
+
+/* Compare a packed [N, ld] gradient: head regions [0, H*w) from col0 against
+ * ref; everything else must still hold the sentinel. */
+static void check_packed(const char *name, const char *what, const float *got, const double *ref,
+                         size_t N, int ld, int c0, int w, double tol) {
+  Err e = {0};
+  long moved = 0;
+  for (size_t r = 0; r < N; r++)
+    for (int c = 0; c < ld; c++) {
+      float x = got[r * ld + c];
+      if (c >= c0 && c < c0 + w) err_add(&e, x, ref[r * ld + c]);
+      else if (x != SENTINEL) moved++;
+    }
+  report(name, what, e, tol, 1);
+  if (moved) {
+    printf("  %-26s %-4s %ld values outside the head region changed  FAIL\n", name, what, moved);
+    failures++;
+  }
+}
+
+typedef struct {
+  const char *name;
+  int B, T, Hq, Hkv, dqk, dv, window;
+  int packed; /* q with extra columns; k and v inside one kv buffer */
+} Case;
+
+static void run_case(Backend *be, const Case *c) {
+  AttnShape s = {c->B, c->T, c->Hq, c->Hkv, c->dqk, c->dv, 0, 0, 0, c->window,
+                 (float)(1.0 / sqrt((double)c->dqk))};
+  const size_t N = (size_t)c->B * c->T;
+  int voff = 0; /* column offset of v in the packed kv buffer */
+  if (c->packed) {
+    s.ldq = c->Hq * c->dqk + 64;
+    s.ldk = s.ldv = c->Hkv * (c->dqk + c->dv) + 32;
+    voff = c->Hkv * c->dqk;
+  } else {
+    s.ldq = c->Hq * c->dqk;
+    s.ldk = c->Hkv * c->dqk;
+    s.ldv = c->Hkv * c->dv;
+  }
+  const int ldo = c->Hq * c->dv;
+  const size_t nq = N * s.ldq, nk = N * s.ldk, nv = c->packed ? 0 : N * s.ldv, no = N * ldo;
+  const size_t nl = (size_t)c->B * c->Hq * c->T;
+  float *hq = xmalloc(nq * 4), *hk = xmalloc(nk * 4), *hv = c->packed ? NULL : xmalloc(nv * 4);
+  float *hdo = xmalloc(no * 4);
+  void *dq_in = dev_random(be, hq, nq);
+  void *dk_in = dev_random(be, hk, nk); /* k buffer (packed: k and v) */
+  void *dv_in = c->packed ? NULL : dev_random(be, hv, nv);
+  void *ddo = dev_random(be, hdo, no);
+  const void *kptr = dk_in;
+  const void *vptr = c->packed ? (const void *)((char *)dk_in + (size_t)voff * be->size[BUF_ACT])
+                               : dv_in;
+  const float *hvv = c->packed ? hk + voff : hv;
+
+  double *ro = xcalloc(no, 8), *rl = xcalloc(nl, 8), *rdq = xcalloc(nq, 8);
+  double *rdk = xcalloc(nk, 8), *rdv = c->packed ? rdk + voff : xcalloc(N * s.ldv, 8);
+  /* Packed: dk and dv share one gradient buffer, like k and v. */
+  attn_ref(&s, hq, hk, hvv, hdo, ro, rl, rdq, rdk, rdv);
+
+  void *o = be->alloc(be, no * be->size[BUF_ACT]);
+  void *lse = be->alloc(be, nl * be->size[BUF_F32]);
+  void *gq = be->alloc(be, nq * be->size[BUF_ACT]);
+  void *gkv = be->alloc(be, nk * be->size[BUF_ACT]);
+  void *gv = c->packed ? NULL : be->alloc(be, nv * be->size[BUF_ACT]);
+  void *gkp = gkv;
+  void *gvp = c->packed ? (void *)((char *)gkv + (size_t)voff * be->size[BUF_ACT]) : gv;
+
+  float *fo = xmalloc(no * 4), *fl = xmalloc(nl * 4), *fq = xmalloc(nq * 4), *fk = xmalloc(nk * 4);
+  float *fv = c->packed ? NULL : xmalloc(nv * 4);
+  unsigned char *first[5] = {0};
+  size_t bytes[5] = {no * be->size[BUF_ACT], nl * be->size[BUF_F32], nq * be->size[BUF_ACT],
+                     nk * be->size[BUF_ACT], c->packed ? 0 : nv * be->size[BUF_ACT]};
+  void *outs[5] = {o, lse, gq, gkv, gv};
+
+  printf("%s: B=%d T=%d Hq=%d Hkv=%d dqk=%d dv=%d window=%d%s\n", c->name, c->B, c->T, c->Hq,
+         c->Hkv, c->dqk, c->dv, c->window, c->packed ? " packed" : "");
+  for (int run = 0; run < 2; run++) {
+    poison(be, o, BUF_ACT, N, ldo, 0, ldo);
+    poison(be, lse, BUF_F32, nl, 1, 0, 1);
+    poison(be, gq, BUF_ACT, N, s.ldq, 0, c->Hq * c->dqk);
+    if (c->packed) {
+      poison(be, gkv, BUF_ACT, N, s.ldk, 0, c->Hkv * (c->dqk + c->dv));
+    } else {
+      poison(be, gkv, BUF_ACT, N, s.ldk, 0, s.ldk);
+      poison(be, gv, BUF_ACT, N, s.ldv, 0, s.ldv);
+    }
+    be->attn_fwd(be, o, lse, dq_in, kptr, vptr, &s);
+    be->attn_bwd(be, gq, gkp, gvp, ddo, dq_in, kptr, vptr, o, lse, &s);
+    be->sync(be);
+    if (run == 0) {
+      be->get(be, fo, BUF_ACT, o, no);
+      be->get(be, fl, BUF_F32, lse, nl);
+      be->get(be, fq, BUF_ACT, gq, nq);
+      be->get(be, fk, BUF_ACT, gkv, nk);
+      if (!c->packed) be->get(be, fv, BUF_ACT, gv, nv);
+      Err eo = {0}, el = {0};
+      for (size_t i = 0; i < no; i++) err_add(&eo, fo[i], ro[i]);
+      for (size_t i = 0; i < nl; i++) err_add(&el, fl[i], rl[i]);
+      report(c->name, "o", eo, 1e-2, 1);
+      report(c->name, "lse", el, 1e-3, 0);
+      check_packed(c->name, "dq", fq, rdq, N, s.ldq, 0, c->Hq * c->dqk, 1e-2);
+      if (c->packed) { /* dk and dv regions of the shared buffer, padding untouched */
+        check_packed(c->name, "dkdv", fk, rdk, N, s.ldk, 0, c->Hkv * (c->dqk + c->dv), 1e-2);
+      } else {
+        check_packed(c->name, "dk", fk, rdk, N, s.ldk, 0, s.ldk, 1e-2);
+        check_packed(c->name, "dv", fv, rdv, N, s.ldv, 0, s.ldv, 1e-2);
+      }
+      for (int i = 0; i < 5; i++) {
+        if (!bytes[i]) continue;
+        first[i] = xmalloc(bytes[i]);
+        be->download(be, first[i], outs[i], bytes[i]);
+      }
+    } else {
+      int same = 1;
+      for (int i = 0; i < 5; i++) {
+        if (!bytes[i]) continue;
+        unsigned char *again = xmalloc(bytes[i]);
+        be->download(be, again, outs[i], bytes[i]);
+        if (memcmp(again, first[i], bytes[i])) same = 0;
+        free(again);
+        free(first[i]);
+      }
+      printf("  %-26s second run bit-identical: %s\n", c->name, same ? "yes" : "NO  FAIL");
+      if (!same) failures++;
+    }
+  }
+  void *bufs[] = {dq_in, dk_in, dv_in, ddo, o, lse, gq, gkv, gv};
+  for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++)
+    if (bufs[i]) be->free(be, bufs[i]);
+  free(hq), free(hk), free(hv), free(hdo), free(ro), free(rl), free(rdq), free(rdk);
+  if (!c->packed) free(rdv);
+  free(fo), free(fl), free(fq), free(fk), free(fv);
+}
+
+static int cmp_float(const void *a, const void *b) {
+  float x = *(const float *)a, y = *(const float *)b;
+  return (x > y) - (x < y);
+}
+
+#define CU(call)                                                                       \
+  do {                                                                                 \
+    cudaError_t e_ = (call);                                                           \
+    if (e_ != cudaSuccess) nmoe_fatal("%s: %s", #call, cudaGetErrorString(e_));        \
+  } while (0)
+
+/* Median ms of 20 timed calls (after 3 warm-up calls) of fwd (bwd = 0) or bwd.
+ * The events sit on the legacy default stream around a backend sync, so a few
+ * microseconds of host latency are included. */
+static float time_op(Backend *be, int bwd, void **a, const AttnShape *s) {
+  cudaEvent_t e0, e1;
+  CU(cudaEventCreate(&e0));
+  CU(cudaEventCreate(&e1));
+  float ms[20];
+  for (int it = -3; it < 20; it++) {
+    be->sync(be);
+    CU(cudaEventRecord(e0, 0));
+    if (bwd) be->attn_bwd(be, a[5], a[6], a[7], a[8], a[0], a[1], a[2], a[3], a[4], s);
+    else be->attn_fwd(be, a[3], a[4], a[0], a[1], a[2], s);
+    be->sync(be);
+    CU(cudaEventRecord(e1, 0));
+    CU(cudaEventSynchronize(e1));
+    if (it >= 0) CU(cudaEventElapsedTime(&ms[it], e0, e1));
+  }
+  CU(cudaEventDestroy(e0));
+  CU(cudaEventDestroy(e1));
+  qsort(ms, 20, sizeof *ms, cmp_float);
+  return 0.5f * (ms[9] + ms[10]);
+}
+
+static void bench(Backend *be, const char *name, int B, int T, int H, int dqk, int dv) {
+  AttnShape s = {B, T, H, H, dqk, dv, H * dqk, H * dqk, H * dv, 0, (float)(1.0 / sqrt(dqk))};
+  const size_t N = (size_t)B * T;
+  size_t n[9] = {N * H * dqk, N * H * dqk, N * H * dv, N * H * dv, (size_t)B * H * T,
+                 N * H * dqk, N * H * dqk, N * H * dv, N * H * dv};
+  void *a[9]; /* q k v o lse dq dk dv dout */
+  size_t maxn = 0;
+  for (int i = 0; i < 9; i++) maxn = n[i] > maxn ? n[i] : maxn;
+  float *h = xmalloc(maxn * sizeof(float));
+  for (int i = 0; i < 9; i++) {
+    BufKind kind = i == 4 ? BUF_F32 : BUF_ACT;
+    a[i] = be->alloc(be, n[i] * be->size[kind]);
+    for (size_t j = 0; j < n[i]; j++) h[j] = rng_normal();
+    be->put(be, a[i], kind, h, n[i]);
+  }
+  free(h);
+  be->attn_fwd(be, a[3], a[4], a[0], a[1], a[2], &s); /* real o and lse for the backward */
+  float fwd = time_op(be, 0, a, &s), bwd = time_op(be, 1, a, &s);
+  double flop_fwd = 2.0 * B * H * (double)T * T * (dqk + dv) / 2;
+  printf("{\"bench\":\"attn\",\"shape\":\"%s B=%d H=%d T=%d dqk=%d dv=%d causal\","
+         "\"fwd_ms\":%.4f,\"bwd_ms\":%.4f,\"fwd_tflops\":%.1f,\"bwd_tflops\":%.1f,"
+         "\"tflops\":%.1f}\n",
+         name, B, H, T, dqk, dv, fwd, bwd, flop_fwd / fwd * 1e-9, 2.5 * flop_fwd / bwd * 1e-9,
+         3.5 * flop_fwd / (fwd + bwd) * 1e-9);
+  for (int i = 0; i < 9; i++) be->free(be, a[i]);
+}
+
+int main(int argc, char **argv) {
+  char err[256];
+  Backend *be = backend_cuda(0, err, sizeof err);
+  if (!be) {
+    fprintf(stderr, "test_attn: no CUDA backend: %s\n", err);
+    return 1;
+  }
+  if (argc > 1 && !strcmp(argv[1], "--bench")) {
+    bench(be, "mla", 2, 4096, 16, 192, 128);
+    bench(be, "mha", 16, 2048, 12, 64, 64);
+    be->destroy(be);
+    return 0;
+  }
+  static const Case cases[] = {
+      {"mha d64", 2, 256, 4, 4, 64, 64, 0, 0},
+      {"gqa d128", 2, 256, 8, 2, 128, 128, 0, 0},
+      {"mla 192/128 packed", 2, 256, 4, 4, 192, 128, 0, 1},
+      {"mha d64 window64", 2, 256, 4, 4, 64, 64, 64, 0},
+      {"gqa d128 window50 T200", 2, 200, 8, 2, 128, 128, 50, 0},
+      {"mla packed T200", 2, 200, 4, 4, 192, 128, 0, 1},
+      {"mla packed window64 T200", 1, 200, 2, 2, 192, 128, 64, 1},
+  };
+  for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) run_case(be, &cases[i]);
+  be->destroy(be);
+  printf("test_attn: %s (%d failures)\n", failures ? "FAIL" : "OK", failures);
+  return failures ? 1 : 0;
+}
