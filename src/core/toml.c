@@ -411,12 +411,12 @@ static void key_free(Key *k) {
   memset(k, 0, sizeof *k);
 }
 
-/* The dotted key k[0..upto] joined with '.', for messages. */
-static const char *key_str(const Key *k, int upto, char *tmp, size_t n) {
-  size_t o = 0;
-  tmp[0] = 0;
+/* prefix (the enclosing table's path, may be "") and k[0..upto] joined with
+ * '.', for messages. */
+static const char *key_str(const char *prefix, const Key *k, int upto, char *tmp, size_t n) {
+  size_t o = (size_t)snprintf(tmp, n, "%s", prefix);
   for (int i = 0; i <= upto && i < k->n && o < n; i++)
-    o += (size_t)snprintf(tmp + o, n - o, "%s%s", i ? "." : "", k->seg[i]);
+    o += (size_t)snprintf(tmp + o, n - o, "%s%s", o ? "." : "", k->seg[i]);
   return tmp;
 }
 
@@ -581,7 +581,7 @@ fail:
   return -1;
 }
 
-static int parse_keyval(Parser *p, Node *tbl, int depth);
+static int parse_keyval(Parser *p, Node *tbl, const char *prefix, int depth);
 
 static int parse_inline_table(Parser *p, Node **out, int depth) {
   Node *t = node_new(TOML_TABLE, p->line, p->col, 0);
@@ -590,7 +590,7 @@ static int parse_inline_table(Parser *p, Node **out, int depth) {
   if (peek(p, 0) == '}') goto close;
   for (;;) {
     skip_ws(p);
-    if (parse_keyval(p, t, depth + 1)) goto fail;
+    if (parse_keyval(p, t, "", depth + 1)) goto fail;
     skip_ws(p);
     if (peek(p, 0) == ',') {
       adv(p);
@@ -633,8 +633,9 @@ static int parse_value(Parser *p, Node **out, int depth) {
   EXPECTED(p, "a value (string, number, boolean, array or inline table)");
 }
 
-/* key = value into tbl; dotted keys create (or extend their own) sub-tables. */
-static int parse_keyval(Parser *p, Node *tbl, int depth) {
+/* key = value into tbl (whose path, for messages, is prefix); dotted keys create
+ * (or extend their own) sub-tables. */
+static int parse_keyval(Parser *p, Node *tbl, const char *prefix, int depth) {
   Key k;
   char tmp[512];
   if (parse_key(p, &k)) return -1;
@@ -646,11 +647,11 @@ static int parse_keyval(Parser *p, Node *tbl, int depth) {
       child = node_new(TOML_TABLE, k.line, k.col, F_DOTTED);
       node_push(t, xstrdup(k.seg[i]), child);
     } else if (child->v.type != TOML_TABLE) {
-      perr(p, k.line, k.col, "cannot add keys to '%s' (%s defined at line %d): not a table", key_str(&k, i, tmp, sizeof tmp),
+      perr(p, k.line, k.col, "cannot add keys to '%s' (%s defined at line %d): not a table", key_str(prefix, &k, i, tmp, sizeof tmp),
            toml_type_name(child->v.type), child->v.line);
       goto done;
     } else if (!(child->flags & F_DOTTED) || (child->flags & F_FROZEN)) {
-      perr(p, k.line, k.col, "cannot add keys to table '%s' defined at line %d", key_str(&k, i, tmp, sizeof tmp),
+      perr(p, k.line, k.col, "cannot add keys to table '%s' defined at line %d", key_str(prefix, &k, i, tmp, sizeof tmp),
            child->v.line);
       goto done;
     }
@@ -658,13 +659,13 @@ static int parse_keyval(Parser *p, Node *tbl, int depth) {
   }
   Node *prev = table_find(t, k.seg[k.n - 1]);
   if (prev) {
-    perr(p, k.line, k.col, "duplicate key '%s' (first defined at line %d)", key_str(&k, k.n - 1, tmp, sizeof tmp),
+    perr(p, k.line, k.col, "duplicate key '%s' (first defined at line %d)", key_str(prefix, &k, k.n - 1, tmp, sizeof tmp),
          prev->v.line);
     goto done;
   }
   if (peek(p, 0) != '=') {
     char f[32];
-    perr(p, p->line, p->col, "expected '=' after key '%s', found %s", key_str(&k, k.n - 1, tmp, sizeof tmp),
+    perr(p, p->line, p->col, "expected '=' after key '%s', found %s", key_str(prefix, &k, k.n - 1, tmp, sizeof tmp),
          found(p, f, sizeof f));
     goto done;
   }
@@ -680,8 +681,10 @@ done:
   return rc;
 }
 
-/* [a.b] or [[a.b]]; sets *cur to the table that following keys go into. */
-static int parse_header(Parser *p, Node *root, Node **cur) {
+/* [a.b] or [[a.b]]; sets *cur to the table that following keys go into and
+ * path (size n) to its dotted name. */
+static int parse_header(Parser *p, Node *root, Node **cur, char *path, size_t n) {
+  const char *prefix = "";
   int line = p->line, col = p->col;
   int aot = peek(p, 1) == '[';
   adv(p);
@@ -707,7 +710,7 @@ static int parse_header(Parser *p, Node *root, Node **cur) {
     } else if (child->v.type == TOML_ARRAY && (child->flags & F_AOT)) {
       child = (Node *)child->v.items[child->v.n - 1];
     } else if (child->v.type != TOML_TABLE || (child->flags & F_FROZEN)) {
-      perr(p, line, col, "cannot define a table under '%s' (%s defined at line %d)", key_str(&k, i, tmp, sizeof tmp),
+      perr(p, line, col, "cannot define a table under '%s' (%s defined at line %d)", key_str(prefix, &k, i, tmp, sizeof tmp),
            child->v.type == TOML_TABLE ? "inline table" : toml_type_name(child->v.type), child->v.line);
       goto done;
     }
@@ -721,7 +724,7 @@ static int parse_header(Parser *p, Node *root, Node **cur) {
       node_push(t, xstrdup(last), child);
     } else if (child->v.type != TOML_ARRAY || !(child->flags & F_AOT)) {
       perr(p, line, col, "cannot append to '%s' (%s defined at line %d): not an array of tables",
-           key_str(&k, k.n - 1, tmp, sizeof tmp), toml_type_name(child->v.type), child->v.line);
+           key_str(prefix, &k, k.n - 1, tmp, sizeof tmp), toml_type_name(child->v.type), child->v.line);
       goto done;
     }
     Node *elem = node_new(TOML_TABLE, line, col, F_EXPLICIT);
@@ -736,11 +739,12 @@ static int parse_header(Parser *p, Node *root, Node **cur) {
       child->v.line = line;
       child->v.col = col;
     } else {
-      perr(p, line, col, "table '%s' is already defined (line %d)", key_str(&k, k.n - 1, tmp, sizeof tmp), child->v.line);
+      perr(p, line, col, "table '%s' is already defined (line %d)", key_str(prefix, &k, k.n - 1, tmp, sizeof tmp), child->v.line);
       goto done;
     }
     *cur = child;
   }
+  key_str("", &k, k.n - 1, path, n);
   rc = 0;
 done:
   key_free(&k);
@@ -777,6 +781,7 @@ TomlValue *toml_parse_string(const char *text, const char *name, int expand_env,
   if (p.n >= 3 && memcmp(text, "\xEF\xBB\xBF", 3) == 0) p.pos = 3; /* BOM */
   if (check_utf8(&p)) return NULL;
   Node *root = node_new(TOML_TABLE, 1, 1, F_EXPLICIT), *cur = root;
+  char cur_path[512] = "";
   for (;;) {
     skip_ws(&p);
     if (p.pos >= p.n) break;
@@ -784,9 +789,9 @@ TomlValue *toml_parse_string(const char *text, const char *name, int expand_env,
     if (c == '#') {
       if (skip_comment(&p)) goto fail;
     } else if (c == '[') {
-      if (parse_header(&p, root, &cur)) goto fail;
+      if (parse_header(&p, root, &cur, cur_path, sizeof cur_path)) goto fail;
     } else if (c != '\n' && c != '\r') {
-      if (parse_keyval(&p, cur, 0)) goto fail;
+      if (parse_keyval(&p, cur, cur_path, 0)) goto fail;
     }
     if (eat_newline(&p, &bad)) continue;
     if (bad) { perr(&p, p.line, p.col, "bare carriage return (expected \\r\\n)"); goto fail; }
