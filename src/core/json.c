@@ -431,3 +431,33 @@ char *jw_finish(JsonW *w) {
   memset(w, 0, sizeof *w);
   return out;
 }
+
+static void dump_into(JsonW *w, const char *key, const Json *j) {
+  switch (j->type) {
+    case JSON_NULL: jw_null(w, key); break;
+    case JSON_BOOL: jw_bool(w, key, j->b); break;
+    case JSON_NUM:
+      if (j->is_int) jw_int(w, key, j->i);
+      else jw_num(w, key, j->num);
+      break;
+    case JSON_STR:
+      w_member(w, key);
+      json_quote(w, j->str, j->str_len);
+      break;
+    case JSON_ARR:
+    case JSON_OBJ:
+      if (j->type == JSON_OBJ) jw_obj(w, key);
+      else jw_arr(w, key);
+      for (int i = 0; i < j->n; i++) dump_into(w, j->type == JSON_OBJ ? j->keys[i] : NULL, j->items[i]);
+      if (j->type == JSON_OBJ) jw_obj_end(w);
+      else jw_arr_end(w);
+      break;
+  }
+}
+
+char *json_dump(const Json *j) {
+  JsonW w;
+  jw_init(&w, 0);
+  dump_into(&w, NULL, j);
+  return jw_finish(&w);
+}

@@ -64,6 +64,9 @@ void jw_raw(JsonW *w, const char *key, const char *json); /* pre-serialised valu
 /* Returns the NUL-terminated document (caller frees) and resets w. */
 char *jw_finish(JsonW *w);
 
+/* Serialises a parsed tree back to compact JSON (caller frees). */
+char *json_dump(const Json *j);
+
 /* Appends s as a quoted, escaped JSON string to w's buffer (helper for others). */
 void json_quote(JsonW *w, const char *s, size_t len);
 
