@@ -421,8 +421,13 @@ int config_validate(const Config *c, char *err, size_t errlen) {
 
 /* ---- serialisation ---- */
 
-/* Shortest %g form that reads back to the same double, always a TOML float. */
+/* Shortest %g form that reads back to the same double, always a TOML float;
+ * whole numbers below 1e6 print plainly (50000.0, not 5e+04). */
 static void float_text(double v, char *buf, size_t n) {
+  if (v == floor(v) && fabs(v) < 1e6) {
+    snprintf(buf, n, "%.1f", v);
+    return;
+  }
   for (int prec = 1; prec <= 17; prec++) {
     snprintf(buf, n, "%.*g", prec, v);
     if (strtod(buf, NULL) == v || isnan(v)) break;
@@ -457,7 +462,7 @@ void config_print(const Config *c, FILE *f) {
     case K_BOOL: fputs(*F_BOOL(c, fd) ? "true" : "false", f); break;
     case K_STR: toml_quote(f, *F_STR(c, fd) ? *F_STR(c, fd) : ""); break;
     }
-    fputc('\n', f);
+    fprintf(f, "  # %s\n", fd->doc);
   }
 }
 
