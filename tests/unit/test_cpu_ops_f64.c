@@ -10,7 +10,7 @@
  * difference quotient (observed worst: 3e-9 absolute). So we require
  * |analytic - numeric| < 1e-6 * max(|analytic|, |numeric|, 1e-2): relative
  * error 1e-6 where gradients are of order 1e-2 or more, an absolute 1e-8 for
- * smaller ones (100x above the noise, while any real bug shows as an error of
+ * smaller ones (a few times the worst noise seen, while any real bug shows as an error of
  * the size of the gradient itself). */
 #include <stdarg.h>
 #include <stddef.h>

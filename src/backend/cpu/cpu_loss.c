@@ -2,9 +2,9 @@
  *
  * Rows are processed in chunks of XENT_ROWS so only [XENT_ROWS, V] logits are
  * held at once. Per chunk: logits = scale * h W^T (gemm), a max-subtracted
- * log-sum-exp per row (summed in double), then the logits buffer is turned into
- * dlogits in place and pushed through two gemms: dh = scale * dlogits W and
- * dW += scale * dlogits^T h. Chunks run in order, so every dW element sums
+ * log-sum-exp per row (summed in double; the exponentials are kept), then the
+ * buffer is turned into dlogits in place and pushed through two gemms:
+ * dh = scale * dlogits W and dW += scale * dlogits^T h. Chunks run in order, so every dW element sums
  * its rows in row order. */
 #include <stdlib.h>
 
@@ -36,14 +36,18 @@ double cpu_xent(Backend *be, void *dh, void *dW, const void *h, const void *W,
         if (dh) for (int v = 0; v < V; v++) l[v] = 0;
         continue;
       }
-      real_t mx = l[0];
+      real_t mx = l[0], lt = l[tg];
       for (int v = 1; v < V; v++) mx = l[v] > mx ? l[v] : mx;
       double se = 0;
-      for (int v = 0; v < V; v++) se += (double)exp(l[v] - mx);
-      double lse = (double)mx + log(se);
-      loss[r] = lse - (double)l[tg];
+      for (int v = 0; v < V; v++) {
+        real_t e = exp(l[v] - mx);
+        se += e;
+        l[v] = e; /* kept for the softmax: one exp per logit */
+      }
+      loss[r] = (double)mx + log(se) - (double)lt;
       if (dh) {
-        for (int v = 0; v < V; v++) l[v] = (real_t)grad_scale * exp(l[v] - (real_t)lse);
+        real_t f = (real_t)(grad_scale / se);
+        for (int v = 0; v < V; v++) l[v] *= f;
         l[tg] -= (real_t)grad_scale;
       }
     }

@@ -15,6 +15,7 @@ real_t cpu_dot(const real_t *a, const real_t *b, int n) {
   real_t acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int i = 0;
   for (; i + 8 <= n; i += 8)
+#pragma omp simd
     for (int u = 0; u < 8; u++) acc[u] += a[i + u] * b[i + u];
   real_t s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
   for (; i < n; i++) s += a[i] * b[i];
@@ -30,6 +31,7 @@ static void tile_axpy(real_t acc[MB][NB], const real_t *A, int lda, const real_t
     for (int i = 0; i < ni; i++) {
       real_t a = transA ? A[(size_t)k * lda + i0 + i] : A[(size_t)(i0 + i) * lda + k];
       real_t *c = acc[i];
+#pragma omp simd /* -O2 alone does not vectorise loops of variable length */
       for (int j = 0; j < nj; j++) c[j] += a * b[j];
     }
   }
