@@ -14,7 +14,8 @@
  *
  * Grouped: cublasGemmGroupedBatchedEx, one call for all experts with rows, one
  * group per expert (its own m). It needs the sizes on the host, which the
- * contract gives (off_host), and the operand pointers in device memory: they
+ * contract gives (off_host; without it the device offsets are fetched, a
+ * wait), and the operand pointers in device memory: they
  * are built on the host and copied into the SCRATCH_GEMM slot on the stream.
  * Experts with no rows are left out of the call, so GG_FWD/GG_DX write nothing
  * for them and GG_DW leaves their dW unchanged. */
@@ -174,6 +175,7 @@ typedef struct GroupArgs {
   int *m, *n, *k, *lda, *ldb, *ldc, *size;
   float *alpha, *beta;
   const void **ptr; /* [3*cap]: cuBLAS A pointers, then B, then C */
+  int32_t *off;     /* [cap+1]: expert offsets fetched when the caller has none */
 } GroupArgs;
 
 static GroupArgs gargs;
@@ -188,12 +190,17 @@ static void group_args_reserve(int E) {
   gargs.alpha = (float *)xrealloc(gargs.alpha, E * sizeof(float));
   gargs.beta = (float *)xrealloc(gargs.beta, E * sizeof(float));
   gargs.ptr = (const void **)xrealloc(gargs.ptr, 3 * E * sizeof(void *));
+  gargs.off = (int32_t *)xrealloc(gargs.off, (E + 1) * sizeof(int32_t));
 }
 
 void cu_grouped_gemm(Backend *be, int mode, void *out, const void *a, const void *b,
                      const int32_t *off, const int32_t *off_host, int E, int M, int N, int K) {
-  NMOE_ASSERT(off_host[0] == 0 && off_host[E] == M);
   group_args_reserve(E);
+  if (!off_host) { /* callers should pass it; fetching it here waits for the device */
+    be->download(be, gargs.off, off, (E + 1) * sizeof(int32_t));
+    off_host = gargs.off;
+  }
+  NMOE_ASSERT(off_host[0] == 0 && off_host[E] == M);
   const bf16 *A = (const bf16 *)a, *B = (const bf16 *)b;
   bf16 *O = (bf16 *)out;
   int g = 0;
