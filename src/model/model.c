@@ -180,7 +180,7 @@ Model *model_create(const Config *cfg, Backend *be) {
   m->router_bias = be->alloc(be, nb * be->size[BUF_F32]);
   m->router_bias_host = xcalloc(nb, sizeof(float));
   m->counts_host = xcalloc(nb, sizeof(int32_t));
-  m->imp_host = xcalloc(nb, sizeof(float));
+  m->imp_host = xcalloc(nb, sizeof(double));
   m->off_host = xcalloc((size_t)d->E + 1, sizeof(int32_t));
   init_params(m);
   return m;

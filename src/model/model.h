@@ -81,7 +81,7 @@ typedef struct Model {
   /* Router statistics of the last forward: counts [n_moe, E] (assignments) and
    * importance sums [n_moe, E]. */
   int32_t *counts_host;
-  float *imp_host;
+  double *imp_host;
   int32_t *off_host;         /* [E+1] scratch for grouped GEMMs */
   double last_aux_loss;
   int64_t last_n_valid;

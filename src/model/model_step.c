@@ -72,6 +72,19 @@ static void build_rope(Model *m, int T) {
   free(sn);
 }
 
+/* Downloads an F32 buffer in full precision (double on the f64 CPU build):
+ * the aux loss value must not lose digits the gradient check relies on. */
+static void get_f32_as_double(Backend *be, double *out, const void *src, size_t n) {
+  const size_t esz = be->size[BUF_F32];
+  char *raw = xmalloc(n * esz);
+  be->download(be, raw, src, n * esz);
+  for (size_t i = 0; i < n; i++) {
+    if (esz == sizeof(double)) memcpy(&out[i], raw + i * esz, sizeof(double));
+    else { float f; memcpy(&f, raw + i * esz, sizeof f); out[i] = f; }
+  }
+  free(raw);
+}
+
 static size_t max_sz(size_t a, size_t b) { return a > b ? a : b; }
 
 static void free_acts(Model *m) {
@@ -336,7 +349,7 @@ static void ffn_forward(Model *m, int l, const void *x, void *y) {
     be->download(be, m->off_host, a->off, (size_t)(E + 1) * sizeof(int32_t));
     int32_t *cnt = m->counts_host + (size_t)li * E;
     for (int e = 0; e < E; e++) cnt[e] = m->off_host[e + 1] - m->off_host[e];
-    if (m->cfg.aux_loss_alpha > 0) be->get(be, m->imp_host + (size_t)li * E, BUF_F32, a->imp, E);
+    if (m->cfg.aux_loss_alpha > 0) get_f32_as_double(be, m->imp_host + (size_t)li * E, a->imp, E);
     be->moe_gather(be, a->xe, a->xn2, a->pair_of, N, d->K, d->D);
     be->grouped_gemm(be, GG_FWD, a->gu_e, a->xe, W(m, lp->exp_w13), a->off, m->off_host, E, M,
                      2 * d->Fm, d->D);
@@ -358,7 +371,7 @@ static void ffn_forward(Model *m, int l, const void *x, void *y) {
 static double aux_loss(const Model *m, int li, float *load_frac) {
   const int E = m->d.E, N = m->B * m->T;
   const int32_t *c = m->counts_host + (size_t)li * E;
-  const float *imp = m->imp_host + (size_t)li * E;
+  const double *imp = m->imp_host + (size_t)li * E;
   double loss = 0;
   for (int e = 0; e < E; e++) {
     load_frac[e] = (float)c[e] / ((float)N * m->d.K);
