@@ -67,7 +67,8 @@ char *loader_plan_json(const Loader *L);
  * steps = total / (batch_size x seq_len) never runs past the plan. */
 int64_t loader_total_tokens(const Loader *L);
 
-/* Name of the stage the next sequence comes from ("pretrain" in direct mode). */
+/* Name of the cursor's stage ("pretrain" in direct mode). A stage whose quotas
+ * are all spent stays current until the next sequence is taken. */
 const char *loader_stage_name(const Loader *L);
 
 void loader_close(Loader *L);

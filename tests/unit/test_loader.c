@@ -332,6 +332,41 @@ static void test_direct_errors(void **state) {
   assert_non_null(strstr(e2, "multiple of the world size 2"));
 }
 
+/* Shards written by numpy's np.save (as the original's prep does) load and
+ * stream in sorted path order. Skipped where /usr/bin/python3 lacks numpy. */
+static void test_numpy_shards(void **state) {
+  Fixture *f = *state;
+  char cmd[2048];
+  snprintf(cmd, sizeof cmd,
+           "/usr/bin/python3 -c \"import numpy as np, os; d='%s/np'; os.makedirs(d + '/s', exist_ok=True);"
+           " np.save(d + '/b.npy', np.arange(100, 130, dtype=np.uint32));"
+           " np.save(d + '/s/a.npy', np.arange(200, 211, dtype=np.uint32));"
+           " np.save(d + '/a.npy', np.arange(0, 7, dtype=np.uint32))\" 2>/dev/null",
+           f->dir);
+  if (system(cmd) != 0) skip();
+  uint32_t ref[48];
+  int n = 0;
+  for (int i = 0; i < 7; i++) ref[n++] = (uint32_t)i;
+  for (int i = 100; i < 130; i++) ref[n++] = (uint32_t)i;
+  for (int i = 200; i < 211; i++) ref[n++] = (uint32_t)i;
+  set_str(&f->cfg.data_path, at(f, "np"));
+  f->cfg.seq_len = 9;
+  f->cfg.batch_size = 2;
+  Loader *L = open_ok(&f->cfg, NULL, 0, 1);
+  assert_int_equal(loader_total_tokens(L), 48);
+  int32_t in[18], tg[18];
+  for (int step = 0; step < 6; step++) {
+    next_ok(L, in, tg);
+    for (int b = 0; b < 2; b++)
+      for (int j = 0; j < 9; j++) {
+        int64_t w = step * 2 + b;
+        assert_int_equal(in[b * 9 + j], ref[(w * 10 + j) % 48]);
+        assert_int_equal(tg[b * 9 + j], ref[(w * 10 + j + 1) % 48]);
+      }
+  }
+  loader_close(L);
+}
+
 /* -------------------------------------------------------------- plans */
 
 static void test_quotas_hand(void **state) {
@@ -646,6 +681,7 @@ int main(void) {
       cmocka_unit_test_setup_teardown(test_direct_restore, setup, teardown),
       cmocka_unit_test_setup_teardown(test_direct_restore_errors, setup, teardown),
       cmocka_unit_test_setup_teardown(test_direct_errors, setup, teardown),
+      cmocka_unit_test_setup_teardown(test_numpy_shards, setup, teardown),
       cmocka_unit_test(test_quotas_hand),
       cmocka_unit_test(test_swrr),
       cmocka_unit_test(test_shipped_plans),
