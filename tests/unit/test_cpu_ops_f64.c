@@ -12,47 +12,7 @@
  * error 1e-6 where gradients are of order 1e-2 or more, an absolute 1e-8 for
  * smaller ones (a few times the worst noise seen, while any real bug shows as an error of
  * the size of the gradient itself). */
-#include <stdarg.h>
-#include <stddef.h>
-#include <setjmp.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <math.h>
-#include <cmocka.h>
-#include <omp.h>
-
-#include "backend/cpu/cpu.h"
-
-static Backend *be;
-static uint64_t rng = 0x9E3779B97F4A7C15ull;
-
-static void seed(uint64_t s) { rng = s * 0x9E3779B97F4A7C15ull + 1; }
-
-/* Uniform in [-1, 1) (splitmix64). */
-static double urand(void) {
-  uint64_t z = (rng += 0x9E3779B97F4A7C15ull);
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  z ^= z >> 31;
-  return (double)(z >> 11) / (double)(1ull << 52) - 1.0;
-}
-
-static real_t *zbuf(size_t n) { return be->alloc(be, n * sizeof(real_t)); }
-static real_t *rbuf(size_t n, double amp) {
-  real_t *p = zbuf(n);
-  for (size_t i = 0; i < n; i++) p[i] = amp * urand();
-  return p;
-}
-static int32_t *ibuf(size_t n) { return be->alloc(be, n * sizeof(int32_t)); }
-static void bfree(void *p) { be->free(be, p); }
-
-static double dotr(const real_t *a, const real_t *b, size_t n) {
-  double s = 0;
-  for (size_t i = 0; i < n; i++) s += (double)a[i] * b[i];
-  return s;
-}
+#include "cpu_test_util.h"
 
 typedef double (*Objective)(void *ctx);
 
@@ -89,11 +49,6 @@ static void fd_check(const char *what, Objective L, void *ctx, real_t *x, size_t
 
 /* ------------------------------------------------------------------ gemm */
 
-/* Stores the r x c matrix m transposed into t (c x r). */
-static void transpose(real_t *t, const real_t *m, int r, int c) {
-  for (int i = 0; i < r; i++)
-    for (int j = 0; j < c; j++) t[(size_t)j * r + i] = m[(size_t)i * c + j];
-}
 
 static void test_gemm_small(void **state) {
   real_t A[6] = {1, 2, 3, 4, 5, 6};       /* [2,3] */
@@ -375,70 +330,6 @@ static void test_rope(void **state) {
 }
 
 /* ------------------------------------------------------------- attention */
-
-/* Naive reference: full score matrix with the mask, softmax, weighted sum. */
-static void attn_naive(double *o, double *lse, const real_t *q, const real_t *k, const real_t *v,
-                       const AttnShape *s) {
-  int grp = s->Hq / s->Hkv;
-  double *p = malloc((size_t)s->T * sizeof(double));
-  for (int b = 0; b < s->B; b++)
-    for (int h = 0; h < s->Hq; h++)
-      for (int i = 0; i < s->T; i++) {
-        double mx = -INFINITY, sum = 0;
-        for (int j = 0; j < s->T; j++) {
-          int vis = j <= i && (s->window == 0 || i - s->window < j);
-          p[j] = -INFINITY;
-          if (!vis) continue;
-          double d = 0;
-          for (int c = 0; c < s->dqk; c++)
-            d += (double)q[(size_t)(b * s->T + i) * s->ldq + h * s->dqk + c] *
-                 k[(size_t)(b * s->T + j) * s->ldk + (h / grp) * s->dqk + c];
-          p[j] = s->scale * d;
-          mx = fmax(mx, p[j]);
-        }
-        for (int j = 0; j < s->T; j++) sum += p[j] == -INFINITY ? 0 : exp(p[j] - mx);
-        lse[(b * s->Hq + h) * s->T + i] = mx + log(sum);
-        for (int c = 0; c < s->dv; c++) {
-          double acc = 0;
-          for (int j = 0; j <= i; j++)
-            if (p[j] != -INFINITY)
-              acc += exp(p[j] - mx) / sum * v[(size_t)(b * s->T + j) * s->ldv + (h / grp) * s->dv + c];
-          o[(size_t)(b * s->T + i) * s->Hq * s->dv + h * s->dv + c] = acc;
-        }
-      }
-  free(p);
-}
-
-/* q, k, v packed in one buffer [N, width]: q at column 0, k after q, v after k,
- * then 2 padding columns. */
-typedef struct {
-  AttnShape s;
-  int width;
-  real_t *qkv, *o, *lse, *R;
-} AttnCtx;
-
-static const real_t *aq(AttnCtx *c) { return c->qkv; }
-static const real_t *ak(AttnCtx *c) { return c->qkv + c->s.Hq * c->s.dqk; }
-static const real_t *av(AttnCtx *c) { return c->qkv + (c->s.Hq + c->s.Hkv) * c->s.dqk; }
-
-static double attn_obj(void *p) {
-  AttnCtx *c = p;
-  be->attn_fwd(be, c->o, c->lse, aq(c), ak(c), av(c), &c->s);
-  return dotr(c->o, c->R, (size_t)c->s.B * c->s.T * c->s.Hq * c->s.dv);
-}
-
-static AttnCtx attn_make(int B, int T, int Hq, int Hkv, int dqk, int dv, int window) {
-  AttnCtx c = {.s = {.B = B, .T = T, .Hq = Hq, .Hkv = Hkv, .dqk = dqk, .dv = dv, .window = window}};
-  c.width = (Hq + Hkv) * dqk + Hkv * dv + 2;
-  c.s.ldq = c.s.ldk = c.s.ldv = c.width;
-  c.s.scale = 1 / sqrt((double)dqk);
-  size_t N = (size_t)B * T;
-  c.qkv = rbuf(N * c.width, 1.5), c.o = zbuf(N * Hq * dv), c.lse = zbuf(N * Hq);
-  c.R = rbuf(N * Hq * dv, 1);
-  return c;
-}
-
-static void attn_free(AttnCtx *c) { bfree(c->qkv), bfree(c->o), bfree(c->lse), bfree(c->R); }
 
 static const int attn_cases[][7] = {
     /* B, T, Hq, Hkv, dqk, dv, window */
@@ -783,76 +674,6 @@ static void test_memory(void **state) {
   assert_int_equal(be->size[BUF_ACT], sizeof(double));
   assert_int_equal(be->size[BUF_I32], 4);
   bfree(p), bfree(q);
-}
-
-/* ------------------------------------------------------------ determinism */
-
-/* Output slices of the determinism run, handed out in order. */
-static real_t *det_out;
-static size_t det_len;
-static real_t *take(size_t n) {
-  det_out = realloc(det_out, (det_len + n) * sizeof(real_t));
-  assert_non_null(det_out);
-  memset(det_out + det_len, 0, n * sizeof(real_t));
-  det_len += n;
-  return det_out + det_len - n;
-}
-
-/* Runs a batch of ops with `threads` OpenMP threads; their outputs are copied
- * into slices of det_out (returned, caller frees). */
-static real_t *run_ops(int threads, size_t *len) {
-  omp_set_num_threads(threads);
-  seed(16);
-  det_out = NULL, det_len = 0;
-  int M = 70, N = 150, K = 90, V = 300, D = 32, T = 24, B = 2, E = 6, BT = B * T;
-  real_t *A = rbuf((size_t)M * K, 1), *Bm = rbuf((size_t)K * N, 1), *C = zbuf((size_t)M * N);
-  AttnCtx c = attn_make(B, T, 4, 2, 12, 8, 5);
-  real_t *g = zbuf((size_t)BT * c.width);
-  real_t *h = rbuf((size_t)BT * D, 1), *W = rbuf((size_t)V * D, 1);
-  real_t *dh = zbuf((size_t)BT * D), *dW = zbuf((size_t)V * D), *dT = zbuf((size_t)V * D);
-  int32_t *tg = ibuf(BT), *idx = ibuf((size_t)BT * 2), *cnt = ibuf(E);
-  for (int i = 0; i < BT; i++) tg[i] = (i * 37) % V;
-  real_t *wg = rbuf((size_t)E * D, 1), *bias = zbuf(E), *sc = zbuf((size_t)BT * E);
-  real_t *rw = zbuf((size_t)BT * 2), *nw = rbuf(D, 1), *rs = zbuf(BT), *y = zbuf((size_t)BT * D);
-  real_t *ndx = zbuf((size_t)BT * D), *ndw = zbuf(D), *rdx = zbuf((size_t)BT * D);
-  real_t *rdwg = zbuf((size_t)E * D);
-
-  be->gemm(be, C, A, Bm, M, N, K, 1, 0, 1, 0, 0); /* A read as [K, M] */
-  attn_obj(&c);
-  be->attn_bwd(be, g, g + c.s.Hq * c.s.dqk, g + (c.s.Hq + c.s.Hkv) * c.s.dqk, c.R, aq(&c), ak(&c),
-               av(&c), c.o, c.lse, &c.s);
-  double loss = be->xent(be, dh, dW, h, W, tg, BT, D, V, 0.5f, -1, 1);
-  be->embed_bwd(be, dT, tg, h, BT, D, V, 2.0f);
-  be->rmsnorm_fwd(be, y, rs, h, nw, BT, D, D, D, 1e-5f);
-  be->rmsnorm_bwd(be, ndx, ndw, h, h, nw, rs, BT, D, D, D, 0);
-  be->router_fwd(be, sc, idx, rw, cnt, NULL, h, wg, bias, BT, D, E, 2, 1.0f);
-  be->router_bwd(be, rdx, rdwg, rw, sc, idx, h, wg, BT, D, E, 2, 1.0f, 0.01f, nw);
-
-  struct { real_t *p; size_t n; } outs[] = {
-      {C, (size_t)M * N}, {c.o, (size_t)BT * c.s.Hq * c.s.dv}, {c.lse, (size_t)BT * c.s.Hq},
-      {g, (size_t)BT * c.width}, {dh, (size_t)BT * D}, {dW, (size_t)V * D}, {dT, (size_t)V * D},
-      {y, (size_t)BT * D}, {ndx, (size_t)BT * D}, {ndw, D}, {sc, (size_t)BT * E},
-      {rw, (size_t)BT * 2}, {rdx, (size_t)BT * D}, {rdwg, (size_t)E * D}};
-  for (size_t i = 0; i < sizeof outs / sizeof outs[0]; i++)
-    memcpy(take(outs[i].n), outs[i].p, outs[i].n * sizeof(real_t));
-  real_t *tail = take(2);
-  tail[0] = loss, tail[1] = be->sumsq(be, W, (size_t)V * D);
-  *len = det_len;
-  bfree(A), bfree(Bm), bfree(C), attn_free(&c), bfree(g), bfree(h), bfree(W), bfree(dh);
-  bfree(dW), bfree(dT), bfree(tg), bfree(idx), bfree(cnt), bfree(wg), bfree(bias), bfree(sc);
-  bfree(rw), bfree(nw), bfree(rs), bfree(y), bfree(ndx), bfree(ndw), bfree(rdx), bfree(rdwg);
-  return det_out;
-}
-
-static void test_determinism(void **state) {
-  int saved = omp_get_max_threads();
-  size_t n1, n2, n3;
-  real_t *r1 = run_ops(1, &n1), *r2 = run_ops(2, &n2), *r3 = run_ops(3, &n3);
-  omp_set_num_threads(saved);
-  assert_int_equal(n1, n2);
-  assert_memory_equal(r1, r2, n1 * sizeof(real_t));
-  assert_memory_equal(r1, r3, n1 * sizeof(real_t));
-  free(r1), free(r2), free(r3);
 }
 
 static void test_backend_open(void **state) {
