@@ -5,17 +5,17 @@
  * (double buffered). Head dims are template parameters: (64,64), (128,128)
  * and the MLA pair (192,128).
  *
- * Forward (one CTA per 64 queries of one (sequence, head)): S = Q K^T per key
+ * Forward (one CTA per ATT_BM = 64 queries of one (sequence, head)): S = Q K^T per key
  * block, online softmax in fp32 (base-2 exponent with the scale folded in),
  * O += P V; writes o (bf16) and lse (natural log, F32 [B, Hq, T]).
  *
  * Backward, deterministic without atomics, three kernels:
  *   attn_bwd_dot   D[b,h,i] = sum_c dO*O (fp32, scratch)
- *   attn_bwd_dkdv  one CTA per 64 keys of one kv head: loops over the query
+ *   attn_bwd_dkdv  one CTA per ATT_BM keys of one kv head: loops over the query
  *                  heads of its GQA group and over query blocks in a fixed
  *                  order, recomputing P^T, accumulating dV += P^T dO and
  *                  dK += dS^T Q in registers, then writes them once.
- *   attn_bwd_dq    one CTA per 64 queries of one head: recomputes P and dP
+ *   attn_bwd_dq    one CTA per ATT_BM queries of one head: recomputes P and dP
  *                  and accumulates dQ += dS K in registers.
  * The separate dQ pass costs one extra QK^T and dO V^T product per tile
  * (7 products instead of 5) but needs no fp32 dQ buffer and no ordering
@@ -30,11 +30,16 @@
 
 #include <math.h>
 
+/* Tile configuration (overridable at build time for tuning runs). */
+#ifndef ATT_WARPS
 #define ATT_WARPS 4
+#endif
+#ifndef ATT_BQ
+#define ATT_BQ 32 /* queries per tile in dkdv (fewer live registers than 64) */
+#endif
 #define ATT_THREADS (ATT_WARPS * 32)
-#define ATT_BM 64 /* queries per CTA (fwd, dq): 16 per warp */
-#define ATT_BN 64 /* keys per tile (fwd, dq) and keys per CTA (dkdv) */
-#define ATT_BQ 32 /* queries per tile in dkdv (fewer live registers) */
+#define ATT_BM (16 * ATT_WARPS) /* queries per CTA (fwd, dq), keys per CTA (dkdv) */
+#define ATT_BN 64               /* keys per tile (fwd, dq) */
 #define LOG2E 1.4426950408889634f
 #define LN2 0.6931471805599453f
 
@@ -162,11 +167,27 @@ __device__ __forceinline__ bool att_visible(int i, int j, int T, int window) {
   return j <= i && j < T && i < T && (window <= 0 || j > i - window);
 }
 
+/* 2^x on the special-function unit (ex2.approx: 2 ulp; -inf gives 0). */
+__device__ __forceinline__ float ex2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
 __device__ __forceinline__ int cdiv(int a, int b) { return (a + b - 1) / b; }
 
 /* First key tile a query block [m0, m0+BM) can see. */
 __device__ __forceinline__ int first_key_tile(int m0, int window) {
   return window > 0 ? max(0, m0 - window + 1) / ATT_BN : 0;
+}
+
+/* Whether any pair of queries [m0, m0+BMq) x keys [n0, n0+BNk) is hidden
+ * (diagonal, window edge or the ragged end of T): interior tiles skip the
+ * per-element mask. */
+__device__ __forceinline__ bool tile_needs_mask(int m0, int bmq, int n0, int bnk, int T,
+                                                int window) {
+  return n0 + bnk - 1 > m0 || m0 + bmq > T || n0 + bnk > T ||
+         (window > 0 && n0 <= m0 + bmq - 1 - window);
 }
 
 /* ---------------------------------------------------------------- forward */
@@ -219,8 +240,7 @@ __global__ void __launch_bounds__(ATT_THREADS)
     mma_smem_nk<DQK / 16, ATT_BN / 8, DQK, DQK>(sc, sq, warp * 16, tk);
 
     const int n0 = nb * ATT_BN;
-    const bool need_mask = n0 + ATT_BN - 1 > m0 || n0 + ATT_BN > T ||
-                           (s.window > 0 && n0 <= m0 + ATT_BM - 1 - s.window);
+    const bool need_mask = tile_needs_mask(m0, ATT_BM, n0, ATT_BN, T, s.window);
     float mx[2] = {mrow[0], mrow[1]};
 #pragma unroll
     for (int nt = 0; nt < ATT_BN / 8; nt++) {
@@ -240,7 +260,7 @@ __global__ void __launch_bounds__(ATT_THREADS)
       mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
       mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
       base[r] = mx[r] == -INFINITY ? 0.f : mx[r]; /* a row with nothing visible yet */
-      alpha[r] = exp2f(mrow[r] - base[r]);
+      alpha[r] = ex2(mrow[r] - base[r]);
       mrow[r] = mx[r];
       lrow[r] *= alpha[r];
     }
@@ -248,7 +268,7 @@ __global__ void __launch_bounds__(ATT_THREADS)
     for (int nt = 0; nt < ATT_BN / 8; nt++) {
 #pragma unroll
       for (int e = 0; e < 4; e++) {
-        float p = exp2f(sc[nt][e] - base[e >> 1]);
+        float p = ex2(sc[nt][e] - base[e >> 1]);
         sc[nt][e] = p;
         lrow[e >> 1] += p;
       }
@@ -306,7 +326,7 @@ __global__ void attn_bwd_dot_kernel(float *__restrict__ dd, const bf16 *__restri
   }
 }
 
-/* dK, dV for ATT_BN keys of one kv head (16 keys per warp, as the rows of
+/* dK, dV for ATT_BM keys of one kv head (16 keys per warp, as the rows of
  * transposed products S^T = K Q^T and dP^T = V dO^T). */
 template <int DQK, int DV>
 __global__ void __launch_bounds__(ATT_THREADS)
@@ -317,27 +337,27 @@ __global__ void __launch_bounds__(ATT_THREADS)
                          AttnShape s) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   bf16 *sk = (bf16 *)smem_raw;            /* [BN, DQK] */
-  bf16 *sv = sk + ATT_BN * DQK;           /* [BN, DV] */
-  bf16 *sq = sv + ATT_BN * DV;            /* 2 x [BQ, DQK] */
+  bf16 *sv = sk + ATT_BM * DQK;           /* [BN, DV] */
+  bf16 *sq = sv + ATT_BM * DV;            /* 2 x [BQ, DQK] */
   bf16 *sdo = sq + 2 * ATT_BQ * DQK;      /* 2 x [BQ, DV] */
   float *slse = (float *)(sdo + 2 * ATT_BQ * DV); /* 2 x [BQ] (base-2 lse) */
   float *sdd = slse + 2 * ATT_BQ;                 /* 2 x [BQ] */
   const int T = s.T, b = blockIdx.z, hk = blockIdx.y, G = s.Hq / s.Hkv;
-  const int n0 = (gridDim.x - 1 - blockIdx.x) * ATT_BN;
+  const int n0 = (gridDim.x - 1 - blockIdx.x) * ATT_BM;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int ldo = s.Hq * DV;
   const float sl2 = s.scale * LOG2E;
 
   /* Query tiles that see any key of this block: [n0, n0 + BN - 1 + window). */
   const int m_first = n0 / ATT_BQ;
-  const int m_stop = s.window > 0 ? min(T, n0 + ATT_BN - 1 + s.window) : T;
+  const int m_stop = s.window > 0 ? min(T, n0 + ATT_BM - 1 + s.window) : T;
   const int n_mt = cdiv(m_stop, ATT_BQ) - m_first;
   const int n_it = G * n_mt;
 
   const bf16 *kb = k + (size_t)b * T * s.ldk + (size_t)hk * DQK;
   const bf16 *vb = v + (size_t)b * T * s.ldv + (size_t)hk * DV;
-  tile_load<ATT_BN, DQK>(sk, kb, s.ldk, n0, T);
-  tile_load<ATT_BN, DV>(sv, vb, s.ldv, n0, T);
+  tile_load<ATT_BM, DQK>(sk, kb, s.ldk, n0, T);
+  tile_load<ATT_BM, DV>(sv, vb, s.ldv, n0, T);
 
   /* Stage query tile `it` (head-major, then query tiles) into buffer buf. */
   auto stage = [&](int it, int buf) {
@@ -380,13 +400,14 @@ __global__ void __launch_bounds__(ATT_THREADS)
           0.f;
     mma_smem_nk<DQK / 16, ATT_BQ / 8, DQK, DQK>(pt, sk, warp * 16, tq);   /* S^T */
     mma_smem_nk<DV / 16, ATT_BQ / 8, DV, DV>(dpt, sv, warp * 16, tdo);    /* dP^T */
+    const bool need_mask = tile_needs_mask(m0, ATT_BQ, n0, ATT_BM, T, s.window);
 #pragma unroll
     for (int nt = 0; nt < ATT_BQ / 8; nt++) {
 #pragma unroll
       for (int e = 0; e < 4; e++) {
         const int c = nt * 8 + 2 * t + (e & 1); /* query column within the tile */
-        float p = exp2f(pt[nt][e] * sl2 - tl[c]);
-        if (!att_visible(m0 + c, kj0 + (e >> 1) * 8, T, s.window)) p = 0.f;
+        float p = ex2(pt[nt][e] * sl2 - tl[c]);
+        if (need_mask && !att_visible(m0 + c, kj0 + (e >> 1) * 8, T, s.window)) p = 0.f;
         pt[nt][e] = p;
         dpt[nt][e] = p * (dpt[nt][e] - tdd[c]); /* dS^T (unscaled) */
       }
@@ -474,13 +495,15 @@ __global__ void __launch_bounds__(ATT_THREADS)
     mma_smem_nk<DQK / 16, ATT_BN / 8, DQK, DQK>(ps, sq, warp * 16, tk); /* S */
     mma_smem_nk<DV / 16, ATT_BN / 8, DV, DV>(dps, sdo, warp * 16, tv);  /* dP */
     const int n0 = nb * ATT_BN;
+    const bool need_mask = tile_needs_mask(m0, ATT_BM, n0, ATT_BN, T, s.window);
 #pragma unroll
     for (int nt = 0; nt < ATT_BN / 8; nt++) {
 #pragma unroll
       for (int e = 0; e < 4; e++) {
         const int r = e >> 1;
-        float p = exp2f(ps[nt][e] * sl2 - l2[r]);
-        if (!att_visible(qi0 + r * 8, n0 + nt * 8 + 2 * t + (e & 1), T, s.window)) p = 0.f;
+        float p = ex2(ps[nt][e] * sl2 - l2[r]);
+        if (need_mask && !att_visible(qi0 + r * 8, n0 + nt * 8 + 2 * t + (e & 1), T, s.window))
+          p = 0.f;
         dps[nt][e] = p * (dps[nt][e] - dr[r]);
       }
     }
@@ -536,11 +559,11 @@ static void bwd_launch(Backend *be, bf16 *dq, bf16 *dk, bf16 *dv, const bf16 *do
                                                                          s->Hq);
   CUDA_LAUNCH_CHECK();
 
-  const size_t smem_kv = (size_t)(ATT_BN * (DQK + DV) + 2 * ATT_BQ * (DQK + DV)) * sizeof(bf16) +
+  const size_t smem_kv = (size_t)(ATT_BM * (DQK + DV) + 2 * ATT_BQ * (DQK + DV)) * sizeof(bf16) +
                          4 * ATT_BQ * sizeof(float);
   CUDA_CHECK(cudaFuncSetAttribute(attn_bwd_dkdv_kernel<DQK, DV>,
                                   cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_kv));
-  dim3 gkv(ceil_div(s->T, ATT_BN), s->Hkv, s->B);
+  dim3 gkv(ceil_div(s->T, ATT_BM), s->Hkv, s->B);
   attn_bwd_dkdv_kernel<DQK, DV><<<gkv, ATT_THREADS, smem_kv, st>>>(dk, dv, dout, q, k, v, lse, dd,
                                                                    *s);
   CUDA_LAUNCH_CHECK();
