@@ -56,7 +56,8 @@ typedef struct AdamParams {
   uint64_t stochastic_seed;
 } AdamParams;
 
-/* grouped_gemm modes (per expert e owning rows [off[e], off[e+1])):
+/* grouped_gemm modes (per expert e owning rows [off[e], off[e+1])); operand
+ * roles: FWD out=Y, a=X, b=W; DX out=dX, a=dY, b=W; DW out=dW, a=X, b=dY.
  *   GG_FWD: Y[rows, N]   = X[rows, K] @ W[e]          W is [E, K, N]
  *   GG_DX:  dX[rows, K]  = dY[rows, N] @ W[e]^T       (writes, no accumulate)
  *   GG_DW:  dW[e] [K, N] += X[rows, K]^T @ dY[rows, N] (experts with no rows
@@ -86,7 +87,8 @@ struct Backend {
   /* C[M,N] = alpha * op(A) @ op(B) + beta * C.
    * op(A) = A stored [M,K], or A^T with A stored [K,M] when transA.
    * op(B) = B stored [K,N], or B^T with B stored [N,K] when transB.
-   * A, B are ACT; C is ACT, or F32 when c_f32. Accumulation in fp32. */
+   * A, B are ACT; C is ACT, or F32 when c_f32. Accumulation in fp32.
+   * beta == 0 overwrites C without reading it (garbage or NaN in C is ignored). */
   void (*gemm)(Backend *be, void *C, const void *A, const void *B, int M, int N, int K,
                int transA, int transB, float alpha, float beta, int c_f32);
   /* Per-expert GEMMs in one call (see GG_* above). off is I32 [E+1] on the
@@ -139,7 +141,8 @@ struct Backend {
    *   k [N, H, dn+dr] = [kv_nope_h | kr];  v [N, H, dv] = kv_v_h */
   void (*mla_kv_split)(Backend *be, void *k, void *v, const void *kv, const void *kr, int ldkr,
                        int N, int H, int dn, int dr, int dv);
-  /* Backward: dkv written; dkr (row stride ldkr) = sum over heads of dk[...dn:]. */
+  /* Backward: dkv written; dkr (row stride ldkr) written (not accumulated) =
+   * sum over heads of dk[...dn:]. */
   void (*mla_kv_split_bwd)(Backend *be, void *dkv, void *dkr, int ldkr, const void *dk,
                            const void *dv, int N, int H, int dn, int dr, int dv_dim);
 
@@ -159,10 +162,13 @@ struct Backend {
   void (*router_fwd)(Backend *be, void *scores, int32_t *idx, void *w, int32_t *counts,
                      void *imp, const void *x, const void *wg, const void *bias, int N, int D,
                      int E, int K, float route_scale);
-  /* From dw (F32 [N,K]) through the normalisation and sigmoid to the logits,
-   * plus, when aux_coef != 0, the aux loss term aux_coef * sum_i f_i * s_ti/S_t
-   * per token (f = load_frac F32 [E], S_t = row sum of scores). Then
-   * dx [N,D] += dlogits @ wg * route_scale and dwg [E,D] += dlogits^T @ x * route_scale. */
+  /* Backward through the normalisation and sigmoid. With s = sigmoid(route_scale * z),
+   * z = x @ wg^T, chosen set C of token t, S = sum_{j in C} s_j, w_i = s_i / S, g = dw[t]:
+   *   dL/ds_j = (g_j - sum_{i in C} g_i w_i) / S              (j in C, else 0)
+   *           + aux_coef * (f_j - sum_k f_k s_k / R) / R       (when aux_coef != 0;
+   *             f = load_frac F32 [E], R = sum over all E experts of s)
+   *   dz = route_scale * s (1 - s) * dL/ds
+   * then dx [N,D] += dz @ wg and dwg [E,D] += dz^T @ x. */
   void (*router_bwd)(Backend *be, void *dx, void *dwg, const void *dw, const void *scores,
                      const int32_t *idx, const void *x, const void *wg, int N, int D, int E,
                      int K, float route_scale, float aux_coef, const void *load_frac);
@@ -178,13 +184,15 @@ struct Backend {
   void (*moe_gather)(Backend *be, void *xe, const void *x, const int32_t *pair_of, int N, int K,
                      int D);
   /* y[t,:] = (or += when accumulate) sum_k w[t,k] * ye[row_of[t*K+k], :],
-   * k in increasing order, fp32 accumulation. */
+   * k in increasing order, fp32 accumulation; with accumulate the sum is
+   * formed first and then added to y (one rounding). */
   void (*moe_combine)(Backend *be, void *y, const void *ye, const void *w,
                       const int32_t *row_of, int N, int K, int D, int accumulate);
   /* dye[row_of[t*K+k], :] = w[t,k] * dy[t,:]; dw (F32 [N,K]) = <dy[t], ye[row_of[t*K+k]]>. */
   void (*moe_combine_bwd)(Backend *be, void *dye, void *dw, const void *dy, const void *ye,
                           const void *w, const int32_t *row_of, int N, int K, int D);
-  /* dx[t,:] = (or +=) sum_k dxe[row_of[t*K+k], :], k in increasing order. */
+  /* dx[t,:] = (or +=) sum_k dxe[row_of[t*K+k], :], k in increasing order
+   * (with accumulate: the sum first, then added to dx). */
   void (*moe_gather_bwd)(Backend *be, void *dx, const void *dxe, const int32_t *row_of, int N,
                          int K, int D, int accumulate);
 
@@ -194,7 +202,8 @@ struct Backend {
    * logits[n, targets[n]]; rows with targets[n] == mask_id are skipped
    * (mask_id < 0: none). Returns the sum of loss_n over kept rows (double).
    * When dh != NULL: dlogits = grad_scale * (softmax - onehot) on kept rows,
-   * dh [N,D] = scale * dlogits @ W (written), dW += scale * dlogits^T @ h. */
+   * dh [N,D] = scale * dlogits @ W (written; 0 on masked rows), dW += scale *
+   * dlogits^T @ h. When dh == NULL, dW is not touched. */
   double (*xent)(Backend *be, void *dh, void *dW, const void *h, const void *W,
                  const int32_t *targets, int N, int D, int V, float scale, int mask_id,
                  float grad_scale);
@@ -206,7 +215,8 @@ struct Backend {
 
   /* ---- timing (optional: may be NULL) ---- */
   /* Marks the start of a named phase; phase_report fills ms per phase since the
-   * last report (names/ms arrays of capacity cap) and returns the count. */
+   * last report (names/ms arrays of capacity cap) and returns the count. The
+   * returned name pointers stay valid until destroy. */
   void (*phase)(Backend *be, const char *name);
   int (*phase_report)(Backend *be, const char **names, double *ms, int cap);
 };
