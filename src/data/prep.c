@@ -21,8 +21,8 @@
 #include "data/shard_writer.h"
 #include "data/tokenizer.h"
 
-#define BATCH_DOCS 256
-#define BATCH_BYTES (4u << 20)
+#define BATCH_DOCS 64
+#define BATCH_BYTES (1u << 20)
 #define MAX_WARNINGS 10
 
 enum { DOC_EMPTY, DOC_FILTERED, DOC_OK, DOC_ERROR };
