@@ -36,7 +36,6 @@ typedef __nv_bfloat16 bf16;
 
 static inline int ceil_div(long a, long b) { return (int)((a + b - 1) / b); }
 
-#endif
 
 /* Per-backend CUDA state (be->impl). Owned by cuda_backend.cu. */
 typedef struct CudaCtx {
@@ -68,4 +67,6 @@ extern "C" {
 void *cuda_scratch(Backend *be, int slot, size_t bytes);
 #ifdef __cplusplus
 }
+#endif
+
 #endif
