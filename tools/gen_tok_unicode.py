@@ -33,7 +33,9 @@ HEADER = r'''/* tok_unicode.c: Unicode data that PCRE2 lacks, for tiktoken-ident
  * puts in it that Unicode 14 leaves unassigned, written as PCRE2 class items;
  * tokenizer.c appends them wherever the pattern says \p{X}. (No code point
  * leaves one of these properties between 14 and 16, so adding is enough; with a
- * newer PCRE2 the items are merely redundant.) */
+ * newer PCRE2 the items are merely redundant.) The longer classes slow PCRE2
+ * down ~2x, so tokenizer.c uses them only for text that holds such a code point
+ * (tok_unicode_has_extra: all lie above U+07FF). */
 #include "data/tok_unicode.h"
 
 #include <string.h>
@@ -42,7 +44,38 @@ static const struct {
   const char *prop, *items;
 } EXTRA[] = {
 '''
-FOOTER = r'''};
+FOOTER = r'''
+int tok_unicode_has_extra(const uint8_t *s, size_t n) {
+  size_t i = 0;
+  while (i < n) {
+    if (i + 8 <= n) { /* ASCII fast path */
+      uint64_t w;
+      memcpy(&w, s + i, 8);
+      if (!(w & 0x8080808080808080ull)) {
+        i += 8;
+        continue;
+      }
+    }
+    uint8_t b = s[i];
+    if (b < 0xE0 || i + 2 >= n) { /* below U+0800, or cut short */
+      i++;
+      continue;
+    }
+    uint32_t cp = b < 0xF0 ? (uint32_t)(b & 15) << 12 | (uint32_t)(s[i + 1] & 63) << 6 | (s[i + 2] & 63)
+                           : i + 3 < n ? (uint32_t)(b & 7) << 18 | (uint32_t)(s[i + 1] & 63) << 12 |
+                                             (uint32_t)(s[i + 2] & 63) << 6 | (s[i + 3] & 63)
+                                       : 0;
+    size_t lo = 0, hi = sizeof EXTRA_RANGES / sizeof *EXTRA_RANGES;
+    while (lo < hi) { /* first range whose end is >= cp */
+      size_t mid = (lo + hi) / 2;
+      if (EXTRA_RANGES[mid][1] < cp) lo = mid + 1;
+      else hi = mid;
+    }
+    if (lo < sizeof EXTRA_RANGES / sizeof *EXTRA_RANGES && EXTRA_RANGES[lo][0] <= cp) return 1;
+    i += b < 0xF0 ? 3 : 4;
+  }
+  return 0;
+}
 
 const char *tok_unicode_extra(const char *prop, size_t len) {
   for (size_t i = 0; i < sizeof EXTRA / sizeof *EXTRA; i++)
@@ -59,7 +92,7 @@ def main():
     assert unicodedata.unidata_version == "14.0.0", unicodedata.unidata_version
     node = json.loads(subprocess.run(["node", "-e", JS], check=True, capture_output=True, text=True).stdout)
     newer = set(c for a, b in NEWER_THAN_16 for c in range(a, b + 1))
-    lines = []
+    lines, union = [], set()
     for p in PROPS:
         ranges = []
         for c in node[p]:
@@ -71,7 +104,18 @@ def main():
                 ranges.append([c, c])
         items = "".join(("\\\\x{%X}" % a) if a == b else ("\\\\x{%X}-\\\\x{%X}" % (a, b)) for a, b in ranges)
         lines.append('    {"%s", "%s"},\n' % (p, items))
+        union.update(c for a, b in ranges for c in range(a, b + 1))
+    assert min(union) >= 0x800, "tok_unicode_has_extra skips 1- and 2-byte sequences"
+    spans = []
+    for c in sorted(union):
+        if spans and spans[-1][1] == c - 1:
+            spans[-1][1] = c
+        else:
+            spans.append([c, c])
+    table = "\n/* Union of the above, sorted: (first, last) code points. */\n"
+    table += "static const uint32_t EXTRA_RANGES[][2] = {\n"
+    table += "".join("    {0x%X, 0x%X},\n" % (a, b) for a, b in spans) + "};\n"
     with open("src/data/tok_unicode.c", "w") as f:
-        f.write(HEADER + "".join(lines) + FOOTER)
+        f.write(HEADER + "".join(lines) + "};\n" + table + FOOTER)
 
 main()

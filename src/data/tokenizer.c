@@ -25,7 +25,8 @@
 struct Tokenizer {
   char name[32];
   RankTable ranks;
-  pcre2_code *re;
+  pcre2_code *re;      // the pattern for PCRE2's own Unicode tables
+  pcre2_code *re_ext;  // the same with tok_unicode.c's code points: slower, only for text that needs it
   char **special;      // (n_special) text of ids special_base.., NULL where none
   uint32_t special_base, n_special;
   uint32_t n_vocab, eos;
@@ -95,9 +96,10 @@ static void sb_put(StrBuf *b, const char *s, size_t n) {
 static void sb_puts(StrBuf *b, const char *s) { sb_put(b, s, strlen(s)); }
 
 /* Rewrites a fancy-regex pattern for PCRE2 with the same meaning: \s and \S
- * become explicit White_Space classes, and \p{X} gains the code points of
- * tok_unicode.c. NULL if \S sits inside a class (no tiktoken pattern does). */
-static char *pattern_for_pcre2(const char *pat) {
+ * become explicit White_Space classes, and with ext \p{X} gains the code
+ * points of tok_unicode.c. NULL if \S sits inside a class (no tiktoken
+ * pattern does). */
+static char *pattern_for_pcre2(const char *pat, int ext) {
   StrBuf b = {0};
   int in_class = 0;
   for (const char *p = pat; *p; p++) {
@@ -112,7 +114,7 @@ static char *pattern_for_pcre2(const char *pat) {
       if (!in_class) sb_puts(&b, "]");
       p++;
     } else if (*p == '\\' && p[1] == 'p' && p[2] == '{' && (close = strchr(p, '}'))) {
-      const char *extra = tok_unicode_extra(p + 3, (size_t)(close - p - 3));
+      const char *extra = ext ? tok_unicode_extra(p + 3, (size_t)(close - p - 3)) : "";
       if (!in_class && *extra) sb_puts(&b, "[");
       sb_put(&b, p, (size_t)(close + 1 - p));
       sb_puts(&b, extra);
@@ -232,32 +234,43 @@ Tokenizer *tok_open(const char *name, char *err, size_t errlen) {
   for (uint32_t i = 0; i < t->n_special; i++)
     if (t->special[i] && !strcmp(t->special[i], "<|endoftext|>")) t->eos = t->special_base + i;
 
-  char *pat = pattern_for_pcre2(v.pat_str);
-  int ec = 0;
-  PCRE2_SIZE eo = 0;
-  if (pat)
-    t->re = pcre2_compile((PCRE2_SPTR)pat, PCRE2_ZERO_TERMINATED, PCRE2_UTF | PCRE2_UCP, &ec, &eo, NULL);
-  if (!t->re) {
+  int failed = 0;
+  for (int ext = 0; ext < 2 && !failed; ext++) {
+    char *pat = pattern_for_pcre2(v.pat_str, ext);
+    int ec = 0;
+    PCRE2_SIZE eo = 0;
+    pcre2_code *re = NULL;
     char msg[256] = "\\S inside a character class";
-    if (pat) pcre2_get_error_message(ec, (PCRE2_UCHAR *)msg, sizeof msg);
-    snprintf(err, errlen, "%s: pat_str does not compile (%s at offset %zu)", path, msg, (size_t)eo);
-  } else if (t->eos == UINT32_MAX) {
-    snprintf(err, errlen, "%s: no <|endoftext|> special token", path);
+    if (pat) {
+      re = pcre2_compile((PCRE2_SPTR)pat, PCRE2_ZERO_TERMINATED, PCRE2_UTF | PCRE2_UCP, &ec, &eo, NULL);
+      if (!re) pcre2_get_error_message(ec, (PCRE2_UCHAR *)msg, sizeof msg);
+      free(pat);
+    }
+    if (!re) {
+      snprintf(err, errlen, "%s: pat_str does not compile (%s at offset %zu)", path, msg, (size_t)eo);
+      failed = 1;
+      break;
+    }
+    /* JIT is a speed-up only; pcre2_match falls back to the interpreter. */
+    (void)pcre2_jit_compile(re, PCRE2_JIT_COMPLETE);
+    *(ext ? &t->re_ext : &t->re) = re;
   }
-  free(pat);
+  if (!failed && t->eos == UINT32_MAX) {
+    snprintf(err, errlen, "%s: no <|endoftext|> special token", path);
+    failed = 1;
+  }
   tok_vocab_free(&v);
-  if (!t->re || t->eos == UINT32_MAX) {
+  if (failed) {
     tok_close(t);
     return NULL;
   }
-  /* JIT is a speed-up only; pcre2_match falls back to the interpreter. */
-  (void)pcre2_jit_compile(t->re, PCRE2_JIT_COMPLETE);
   return t;
 }
 
 void tok_close(Tokenizer *t) {
   if (!t) return;
   pcre2_code_free(t->re);
+  pcre2_code_free(t->re_ext);
   rank_table_free(&t->ranks);
   for (uint32_t i = 0; i < t->n_special; i++) free(t->special[i]);
   free(t->special);
@@ -272,11 +285,12 @@ size_t tok_encode(const Tokenizer *t, const char *text, size_t len, uint32_t **i
   const uint8_t *s = (const uint8_t *)(fixed ? fixed : text);
   size_t n = fixed ? fixed_len : len, count = 0, pos = 0;
   TokScratch *sc = scratch_get();
+  const pcre2_code *re = tok_unicode_has_extra(s, n) ? t->re_ext : t->re;
   PCRE2_SIZE *ov = pcre2_get_ovector_pointer(sc->md);
   while (pos < n) {
     /* Valid UTF-8 is guaranteed above; PCRE2's own check would rescan the whole
      * subject on every call. */
-    int rc = pcre2_match(t->re, s, n, pos, PCRE2_NO_UTF_CHECK, sc->md, sc->mctx);
+    int rc = pcre2_match(re, s, n, pos, PCRE2_NO_UTF_CHECK, sc->md, sc->mctx);
     if (rc == PCRE2_ERROR_NOMATCH) break;
     if (rc < 0) {
       char msg[256];
