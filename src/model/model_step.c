@@ -202,6 +202,11 @@ void model_free(Model *m) {
 }
 
 static void *W(Model *m, int p) { return model_ptr(m, m->params, p); }
+
+/* Names the time that follows (per-phase breakdown in `nmoe bench train`). */
+static void phase(Model *m, const char *name) {
+  if (m->be->phase) m->be->phase(m->be, name);
+}
 static void *G(Model *m, int p) { return model_ptr(m, m->grads, p); }
 
 static AttnShape attn_shape(const Model *m, int window) {
@@ -452,13 +457,17 @@ static void forward_trunk(Model *m, const int32_t *inputs, const int32_t *target
   ensure_acts(m, B, T);
   Backend *be = m->be;
   const int N = B * T, D = m->d.D;
+  phase(m, "embed_fwd");
   be->upload(be, m->tok_in, inputs, (size_t)N * sizeof(int32_t));
   be->upload(be, m->tok_tgt, targets, (size_t)N * sizeof(int32_t));
   be->embed_fwd(be, res_at(m, 0), m->tok_in, W(m, m->embedding), N, D, (float)m->cfg.embed_scale);
   for (int l = 0; l < m->d.L; l++) {
+    phase(m, "attn_fwd");
     attn_forward(m, l, res_at(m, l), mid_at(m, l));
+    phase(m, m->lp[l].moe_index < 0 ? "mlp_fwd" : "moe_fwd");
     ffn_forward(m, l, mid_at(m, l), res_at(m, l + 1));
   }
+  phase(m, "head_fwd");
   be->rmsnorm_fwd(be, m->xf, m->rstd_f, res_at(m, m->d.L), W(m, m->final_norm), N, D, D, D,
                   (float)m->cfg.rms_norm_eps);
   m->last_aux_loss = 0;
@@ -490,15 +499,19 @@ double model_train_step_grads(Model *m, const int32_t *inputs, const int32_t *ta
   m->last_n_valid = n_valid;
   if (n_valid_total <= 0) n_valid_total = n_valid;
   float grad_scale = n_valid_total > 0 ? 1.0f / (float)n_valid_total : 0.0f;
+  phase(m, "head_loss");
   be->zero(be, m->grads, m->pt.total * be->size[BUF_ACT]);
   double loss_sum = be->xent(be, m->g_xn, G(m, m->lm_head), m->xf, W(m, m->lm_head), m->tok_tgt, N,
                              D, m->d.V, (float)m->cfg.logits_scale, mask_id(m), grad_scale);
   be->rmsnorm_bwd(be, m->g_res, G(m, m->final_norm), m->g_xn, res_at(m, m->d.L),
                   W(m, m->final_norm), m->rstd_f, N, D, D, D, 0);
   for (int l = m->d.L - 1; l >= 0; l--) {
+    phase(m, m->lp[l].moe_index < 0 ? "mlp_bwd" : "moe_bwd");
     ffn_backward(m, l, mid_at(m, l));
+    phase(m, "attn_bwd");
     attn_backward(m, l, res_at(m, l));
   }
+  phase(m, "embed_bwd");
   be->embed_bwd(be, G(m, m->embedding), m->tok_in, m->g_res, N, D, m->d.V,
                 (float)m->cfg.embed_scale);
   return n_valid > 0 ? loss_sum / (double)n_valid : 0.0;
