@@ -219,6 +219,10 @@ struct Backend {
    * returned name pointers stay valid until destroy. */
   void (*phase)(Backend *be, const char *name);
   int (*phase_report)(Backend *be, const char **names, double *ms, int cap);
+
+  /* ---- memory accounting (optional: may be NULL) ---- */
+  /* Peak bytes allocated through alloc since the backend was created. */
+  size_t (*mem_peak)(Backend *be);
 };
 
 /* Constructors. backend_cpu never fails; backend_cuda returns NULL with a
