@@ -5,6 +5,7 @@
 
 #include "core/log.h"
 #include "data/data_cli.h"
+#include "train/train.h"
 
 int tok_bench_main(int argc, char **argv); /* data/tok_bench.c */
 
@@ -25,7 +26,9 @@ static int version_main(int argc, char **argv) {
 
 static int bench_main(int argc, char **argv) {
   if (argc >= 2 && !strcmp(argv[1], "tokenizer")) return tok_bench_main(argc - 1, argv + 1);
-  fprintf(stderr, "usage: nmoe bench tokenizer [FILE] [--encoding NAME]\n");
+  if (argc >= 2 && !strcmp(argv[1], "train")) return bench_train_main(argc - 1, argv + 1);
+  fprintf(stderr, "usage: nmoe bench tokenizer [FILE] [--encoding NAME]\n"
+                  "       nmoe bench train CONFIG [--steps N] [--warmup W] [--key=value ...]\n");
   return 2;
 }
 
@@ -37,7 +40,7 @@ typedef struct Command {
 
 static const Command COMMANDS[] = {
     {"data", data_main, "prepare, verify and inspect token shards (prep|verify|info|inspect|regenerate-index)"},
-    {"bench", bench_main, "benchmarks printing one JSON line per measurement (tokenizer)"},
+    {"bench", bench_main, "benchmarks printing one JSON line per measurement (tokenizer, train)"},
     {"version", version_main, "print the version and compiled backends"},
 };
 
