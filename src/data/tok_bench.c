@@ -178,7 +178,7 @@ int tok_bench_main(int argc, char **argv) {
   for (int i = 0; i < argc; i++) {
     const char *a = argv[i];
     const char *v = i + 1 < argc ? argv[i + 1] : NULL;
-    if (!strcmp(a, "tokenizer")) continue;
+    if (i == 0 && !strcmp(a, "tokenizer")) continue;
     if (!strcmp(a, "--no-ref")) ref = 0;
     else if (v && !strcmp(a, "--encoding")) enc_arg = v, i++;
     else if (v && !strcmp(a, "--file")) file = v, i++;

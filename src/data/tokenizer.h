@@ -55,4 +55,9 @@ char *text_normalize_nfc(const char *text, size_t len, size_t *out_len);
  * copy). Length of the copy in *out_len. */
 char *utf8_sanitize(const char *text, size_t len, size_t *out_len);
 
+/* `nmoe bench tokenizer` (tok_bench.c): argv holds the arguments after
+ * `nmoe bench tokenizer` (a leading "tokenizer" is skipped too). Returns the
+ * exit status. */
+int tok_bench_main(int argc, char **argv);
+
 #endif
