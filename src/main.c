@@ -5,9 +5,9 @@
 
 #include "core/log.h"
 #include "data/data_cli.h"
+#include "data/tokenizer.h"
 #include "train/train.h"
 
-int tok_bench_main(int argc, char **argv); /* data/tok_bench.c */
 
 #define NMOE_VERSION "0.1.0"
 
