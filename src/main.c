@@ -6,6 +6,7 @@
 #include "core/log.h"
 #include "data/data_cli.h"
 #include "data/tokenizer.h"
+#include "train/ckpt.h"
 #include "train/train.h"
 
 
@@ -39,7 +40,9 @@ typedef struct Command {
 } Command;
 
 static const Command COMMANDS[] = {
+    {"train", train_main, "train a model: nmoe train CONFIG [--key=value ...]"},
     {"data", data_main, "prepare, verify and inspect token shards (prep|verify|info|inspect|regenerate-index)"},
+    {"ckpt", ckpt_main, "inspect checkpoints (list|info|verify)"},
     {"bench", bench_main, "benchmarks printing one JSON line per measurement (tokenizer, train)"},
     {"version", version_main, "print the version and compiled backends"},
 };
