@@ -192,7 +192,7 @@ static int cmd_prep(int argc, char **argv) {
   commas(st.tokens, a, sizeof a);
   commas(st.kept, b, sizeof b);
   printf("prep: %s: %s documents, %s tokens in %d shards (%d bucket dirs) under %s\n",
-         o.name ? o.name : "dataset", b, a, st.shards, st.bucket_dirs, o.output);
+         st.name, b, a, st.shards, st.bucket_dirs, o.output);
   printf("prep: records %lld, documents in %lld, kept %lld, skipped %lld, errored %lld, "
          "truncated %lld, invalid UTF-8 replaced %lld%s; %.2f s (%.0f tokens/s)\n",
          (long long)st.records, (long long)st.docs_in, (long long)st.kept, (long long)st.skipped,

@@ -529,6 +529,7 @@ int prep_run(const PrepOptions *o, PrepStats *st, char *err, size_t errlen) {
   char **stems = xcalloc((size_t)nfiles, sizeof *stems);
   for (int i = 0; i < nfiles; i++) stems[i] = path_stem(files[i].path);
   char *name = xstrdup(o->name && o->name[0] ? o->name : stems[0]);
+  snprintf(st->name, sizeof st->name, "%s", name);
   /* source_info.source as the original names its local sources */
   char source[1024];
   const char *kind = o->source == PREP_JSONL ? "jsonl" : o->source == PREP_JSONL_ZST ? "jsonl_zst" : "text";

@@ -55,6 +55,7 @@ typedef struct PrepStats {
   int shards, bucket_dirs;
   int hit_token_limit;
   double seconds;
+  char name[256];       /* dataset name used (--name or the input's stem) */
 } PrepStats;
 
 void prep_defaults(PrepOptions *o);

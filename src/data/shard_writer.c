@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -18,7 +19,11 @@
 #include "data/npy.h"
 #include "data/shard_index.h"
 
-#define SW_FILE_BUF (256 << 10)
+/* stdio buffer per open shard: 16 MiB over all buckets, 16..256 KiB each */
+static size_t file_buf_size(int num_buckets) {
+  size_t b = ((size_t)16 << 20) / (size_t)num_buckets;
+  return b < (16 << 10) ? (16 << 10) : b > (256 << 10) ? (256 << 10) : b;
+}
 
 /* One bucket directory: its open shard and the shards it has completed. */
 typedef struct Bucket {
@@ -154,6 +159,13 @@ ShardWriter *shard_writer_open(const ShardWriterConfig *cfg, char *err, size_t e
   w->source = xstrdup(cfg->source ? cfg->source : "");
   w->cfg = *cfg;
   w->buckets = xcalloc((size_t)cfg->num_buckets, sizeof *w->buckets);
+  /* one open shard per bucket: lift the soft open-file limit (1024 buckets) */
+  struct rlimit rl;
+  if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max &&
+      rl.rlim_cur < (rlim_t)cfg->num_buckets + 64) {
+    rl.rlim_cur = rl.rlim_max;
+    setrlimit(RLIMIT_NOFILE, &rl); /* best effort: fopen reports the failure if still short */
+  }
   const char *slow = getenv("NMOE_TEST_SLOW_WRITE");
   w->slow_write = slow && slow[0] && strcmp(slow, "0") != 0;
   if (prepare_output(w, err, errlen)) {
@@ -172,8 +184,9 @@ static int bucket_open_shard(ShardWriter *w, Bucket *b, char *err, size_t errlen
     snprintf(err, errlen, "cannot create %s: %s", b->tmp, strerror(errno));
     return -1;
   }
-  b->fbuf = xmalloc(SW_FILE_BUF);
-  setvbuf(b->f, b->fbuf, _IOFBF, SW_FILE_BUF);
+  size_t bs = file_buf_size(w->cfg.num_buckets);
+  b->fbuf = xmalloc(bs);
+  setvbuf(b->f, b->fbuf, _IOFBF, bs);
   int64_t zero = 0; /* placeholder; numpy's header padding keeps its size fixed */
   if (npy_write_header(b->f, "<u4", &zero, 1, err, errlen)) return -1;
   b->ntok = 0;
