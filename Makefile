@@ -1,5 +1,5 @@
-# nmoe build. `make` builds build/nmoe (CPU only); `make CUDA=1` adds the CUDA
-# backend (sm_90a). `make test` runs the whole CPU suite; `make run` installs what
+# nmoe build. `make` builds build/nmoe (CPU only); `make CUDA=1` builds
+# build/cuda/nmoe with the CUDA backend (sm_90a). `make test` runs the whole CPU suite; `make run` installs what
 # is missing, prepares sample data and trains configs/tiny.toml.
 #
 # Sources are found by directory: a new .c file under src/ (or .cu under
@@ -10,7 +10,13 @@
 CC      ?= gcc
 NVCC    ?= /usr/local/cuda/bin/nvcc
 CUDA    ?= 0
+# The CUDA build lives in its own tree so switching flavours never mixes objects:
+# build/nmoe (CPU only) and build/cuda/nmoe (CPU + CUDA backends).
+ifeq ($(CUDA),1)
+BUILD   := build/cuda
+else
 BUILD   := build
+endif
 CFLAGS  := -std=c11 -O2 -g -fopenmp -Wall -Wextra -Wno-unused-parameter -Werror=implicit-function-declaration \
            -D_GNU_SOURCE -Isrc $(EXTRA_CFLAGS)
 LDLIBS  := -fopenmp -lm -lpthread -lcrypto -lsqlite3 -lpcre2-8 -lutf8proc -lzstd
