@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# gpu_runbook.sh: GPU checks and benchmarks in one call on the GPU machine
+# (run there after scripts/gpu_bundle.sh here). Sections (any subset, in order):
+#   ops     op-by-op CUDA vs CPU checks (tests/gpu)
+#   oracle  whole-model loss/grad dumps (CPU fp32, CUDA bf16) vs the PyTorch oracle
+#   curve   tiny.toml on the Brown sample: 200 steps CUDA vs CPU loss curves
+#   bench   nmoe bench train for speedrun super/moe and moonlet-shaped bf16
+#   torch   PyTorch eager/compile baselines for the same shapes
+# Logs go to $OUT/<name>.log; a summary is printed last.
+set -u
+OUT=${OUT:-/tmp/nmoe_out}
+mkdir -p "$OUT"
+B=build/cuda
+export LD_LIBRARY_PATH=/usr/local/cuda/lib64:$PWD/$B/devlib:${LD_LIBRARY_PATH:-}
+export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1
+SUMMARY="$OUT/summary.txt"
+: >"$SUMMARY"
+step() { # name timeout_s command...
+  local name=$1 t=$2; shift 2
+  local t0=$(date +%s)
+  timeout "$t" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  printf '%-16s rc=%-3s %4ss  %s\n' "$name" "$rc" "$(( $(date +%s) - t0 ))" "$(tail -1 "$OUT/$name.log" | cut -c1-150)" | tee -a "$SUMMARY"
+}
+sections=${*:-ops oracle curve bench}
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader | tee -a "$SUMMARY"
+git log -1 --format='commit %h %s' 2>/dev/null | tee -a "$SUMMARY"
+for s in $sections; do
+  case $s in
+  ops)
+    step test_ops 120 $B/gpu/test_ops
+    step test_norm_moe 120 $B/gpu/test_norm_moe
+    step test_attn 120 $B/gpu/test_attn
+    ;;
+  oracle)
+    step dump_cpu 120 $B/gpu/model_dump configs/tiny.toml "$OUT/d_cpu" --device cpu
+    step dump_cuda 60 $B/gpu/model_dump configs/tiny.toml "$OUT/d_cuda" --device cuda
+    step oracle_cpu 120 python3 tests/torch_ref/nmoe_ref.py "$OUT/d_cpu"
+    step oracle_cuda 120 python3 tests/torch_ref/nmoe_ref.py "$OUT/d_cuda"
+    step cuda_vs_cpu 120 python3 tests/torch_ref/nmoe_ref.py --compare "$OUT/d_cuda" "$OUT/d_cpu"
+    rm -rf "$OUT/d_cpu" "$OUT/d_cuda"
+    ;;
+  curve)
+    common="--steps=200 --log_every=10 --checkpoint_every=0 --resume=false --metrics_dir=$OUT/m --experiments_db=$OUT/e.db"
+    NMOE_RUN=curve_cpu OMP_NUM_THREADS=12 timeout 500 $B/nmoe train configs/tiny.toml --device=cpu $common \
+      --checkpoint_dir=/tmp/ck_cpu >"$OUT/curve_cpu.log" 2>&1 &
+    cpu_pid=$!
+    step curve_cuda 120 env NMOE_RUN=curve_cuda $B/nmoe train configs/tiny.toml --device=cuda $common --checkpoint_dir=/tmp/ck_cuda
+    step curve_cuda_rerun 120 env NMOE_RUN=curve_cuda2 $B/nmoe train configs/tiny.toml --device=cuda $common --checkpoint_dir=/tmp/ck_cuda2
+    wait $cpu_pid
+    echo "curve_cpu        rc=$?  $(tail -1 "$OUT/curve_cpu.log" | cut -c1-150)" | tee -a "$SUMMARY"
+    step curve_compare 30 python3 - "$OUT/m" <<'PY'
+import sqlite3, sys
+def losses(run):
+    db = sqlite3.connect(f"{sys.argv[1]}/{run}/rank_0.sqlite")
+    return dict(db.execute("select step, value from metrics where tag='train/loss'"))
+cpu, cuda, cuda2 = losses("curve_cpu"), losses("curve_cuda"), losses("curve_cuda2")
+worst = max(abs(cpu[s] - cuda[s]) for s in cpu)
+for s in sorted(cpu):
+    print(f"step {s:4d} cpu {cpu[s]:.4f} cuda {cuda[s]:.4f} diff {cuda[s]-cpu[s]:+.4f}")
+print("cuda rerun bit-identical:", cuda == cuda2)
+print(f"max |cuda - cpu| = {worst:.4f} over {len(cpu)} logged steps (bound 0.15); "
+      f"final cpu {cpu[max(cpu)]:.4f} cuda {cuda[max(cuda)]:.4f}")
+sys.exit(0 if worst < 0.15 and cuda == cuda2 else 1)
+PY
+    ;;
+  bench)
+    step bench_super 150 $B/nmoe bench train configs/speedrun/super.toml --steps 10 --warmup 3 --device=cuda
+    step bench_moe 150 $B/nmoe bench train configs/speedrun/moe.toml --steps 10 --warmup 3 --device=cuda
+    step bench_moonlet 200 $B/nmoe bench train configs/moonlet.toml --steps 5 --warmup 2 --device=cuda \
+      --batch_size=2 --master_weights=stochastic
+    ;;
+  torch)
+    step torch_bench 420 python3 tests/torch_ref/bench_torch.py --configs super,moe,moonlet --modes eager,compile \
+      --steps 10 --warmup 3 --time-budget-s 380
+    ;;
+  esac
+done
+echo "=== summary"; cat "$SUMMARY"
