@@ -122,9 +122,12 @@ static int64_t tracker_read(const char *dir) {
   return ok ? v : -1;
 }
 
-/* Reads iter_dir/manifest.json for step and checks its shape and that every
- * listed file exists with the listed size (no hashing). */
-static Json *manifest_read(const char *it, int64_t step, char *err, size_t errlen) {
+/* Reads iter_dir/manifest.json for step and checks its shape; with
+ * check_files, also that every listed file exists with the listed size (no
+ * hashing). A manifest is written only after every file it lists, and is
+ * removed first when a step is deleted, so its presence marks a complete
+ * step; files missing afterwards are damage to report, not to skip. */
+static Json *manifest_read(const char *it, int64_t step, int check_files, char *err, size_t errlen) {
   char p[PATHN], jerr[512];
   snprintf(p, sizeof p, "%s/manifest.json", it);
   if (!fs_exists(p)) {
@@ -150,6 +153,7 @@ static Json *manifest_read(const char *it, int64_t step, char *err, size_t errle
       snprintf(err, errlen, "%s: files[%d] needs path, bytes and sha256", p, i);
       goto bad;
     }
+    if (!check_files) continue;
     char fp[PATHN];
     snprintf(fp, sizeof fp, "%s/%s", it, name);
     int64_t have = fs_size(fp);
@@ -195,7 +199,7 @@ int64_t ckpt_latest(const char *dir) {
   int64_t t = tracker_read(dir);
   if (t >= 0) {
     iter_path(it, dir, t);
-    Json *m = manifest_read(it, t, err, sizeof err);
+    Json *m = manifest_read(it, t, 0, err, sizeof err);
     if (m) {
       json_free(m);
       return t;
@@ -206,7 +210,7 @@ int64_t ckpt_latest(const char *dir) {
   int64_t found = -1;
   for (int i = n - 1; i >= 0 && found < 0; i--) {
     iter_path(it, dir, steps[i]);
-    Json *m = manifest_read(it, steps[i], err, sizeof err);
+    Json *m = manifest_read(it, steps[i], 0, err, sizeof err);
     if (m) found = steps[i];
     json_free(m);
   }
@@ -559,7 +563,7 @@ CkptLoaded *ckpt_load(const char *dir, int64_t step, int rank, int world, char *
     snprintf(err, errlen, "checkpoint %s does not exist", it);
     return NULL;
   }
-  Json *m = manifest_read(it, step, err, errlen);
+  Json *m = manifest_read(it, step, 1, err, errlen);
   if (!m) return NULL;
   CkptLoaded *l = xcalloc(1, sizeof *l);
   l->step = step;
@@ -630,7 +634,7 @@ static int cli_list(const char *dir) {
   char it[PATHN], err[1024];
   for (int i = 0; i < n; i++) {
     iter_path(it, dir, steps[i]);
-    Json *m = manifest_read(it, steps[i], err, sizeof err);
+    Json *m = manifest_read(it, steps[i], 0, err, sizeof err);
     int nf;
     int64_t b = dir_bytes(it, &nf);
     printf("%-10lld %-12s %6d %14lld%s\n", (long long)steps[i], m ? "finalised" : "unfinalised", nf,
@@ -681,7 +685,7 @@ static int cli_info(const char *dir, const char *arg) {
   if (step < 0) return 1;
   char it[PATHN], err[1024], fp[PATHN];
   iter_path(it, dir, step);
-  Json *m = manifest_read(it, step, err, sizeof err);
+  Json *m = manifest_read(it, step, 0, err, sizeof err);
   if (!m) {
     fprintf(stderr, "nmoe: error: %s\n", err);
     return 1;
@@ -720,7 +724,7 @@ static int cli_info(const char *dir, const char *arg) {
 static int verify_step(const char *dir, int64_t step, char *err, size_t errlen) {
   char it[PATHN], fp[PATHN];
   iter_path(it, dir, step);
-  Json *m = manifest_read(it, step, err, errlen);
+  Json *m = manifest_read(it, step, 1, err, errlen);
   if (!m) return -1;
   const Json *files = json_get(m, "files");
   int rc = 0;
@@ -782,7 +786,7 @@ static int cli_verify(const char *dir, const char *arg) {
   }
   if (t >= 0) {
     iter_path(it, dir, t);
-    Json *m = manifest_read(it, t, err, sizeof err);
+    Json *m = manifest_read(it, t, 0, err, sizeof err);
     if (!m) {
       printf("tracker names step %lld, which is not a valid checkpoint: %s\n", (long long)t, err);
       bad++;

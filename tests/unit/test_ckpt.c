@@ -5,7 +5,8 @@
  * tracker contents, a full queue blocking instead of dropping, keep_last_n
  * purge (crash debris removed, a newer in-flight step left alone), every
  * user error on load (flipped byte, truncated or missing file, world
- * mismatch), ckpt_latest's fallbacks, sticky saver errors, the finalise
+ * mismatch), ckpt_latest's fallbacks (tracker to a missing or unfinalised
+ * step, broken manifests), sticky saver errors, the finalise
  * timeout, the CLI, and crash safety: children saving with slow writes are
  * killed with SIGKILL at random moments and the parent must always load a
  * complete checkpoint (or find none), then keep saving in the same place. */
@@ -248,10 +249,13 @@ static void test_two_ranks(void **state) {
   json_free(m);
   expect_load_error(f->dir, 5, 0, 1, "was written by 2 ranks, this run has 1", NULL);
   expect_load_error(f->dir, 5, 0, 4, "was written by 2 ranks, this run has 4", NULL);
-  /* A missing rank file: every rank's load fails naming it; no fallback exists. */
+  /* A rank file lost after finalisation is damage to report, not a reason
+   * to fall back silently: the step stays latest and loading names the file. */
   assert_int_equal(unlink(iter_file(f->dir, 5, "rank_001.safetensors")), 0);
+  assert_int_equal(ckpt_latest(f->dir), 5);
   expect_load_error(f->dir, 5, 0, 2, "missing file", "rank_001.safetensors");
-  assert_int_equal(ckpt_latest(f->dir), -1);
+  expect_load_error(f->dir, 5, 1, 2, "missing file", "rank_001.safetensors");
+  assert_int_equal(cli("verify", f->dir, NULL), 1);
 }
 
 static void test_full_queue_blocks_never_drops(void **state) {
