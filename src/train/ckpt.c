@@ -63,6 +63,11 @@ static int dir_ok(const char *dir, char *err, size_t errlen) {
   return 0;
 }
 
+/* Test hook: widens the windows between file writes for the crash tests. */
+static void pace(const Ckpt *c) {
+  if (c->slow_ms > 0) sleep_ms(c->slow_ms);
+}
+
 static void iter_path(char *out, const char *dir, int64_t step) {
   snprintf(out, PATHN, "%s/iter_%07lld", dir, (long long)step);
 }
@@ -337,16 +342,14 @@ static int finalise(Ckpt *c, int64_t step, const char *it, const char *git_sha, 
   jw_obj_end(&w);
   char *doc = jw_finish(&w);
   snprintf(fp, sizeof fp, "%s/manifest.json", it);
-  if (c->slow_ms) sleep_ms(c->slow_ms);
   int wrc = fs_write_atomic(fp, doc, strlen(doc), err, errlen);
   free(doc);
   if (wrc) goto done;
+  pace(c);
   char tr[PATHN], num[32];
   snprintf(tr, sizeof tr, "%s/%s", c->dir, TRACKER);
   snprintf(num, sizeof num, "%lld\n", (long long)step);
-  if (c->slow_ms) sleep_ms(c->slow_ms);
   if (fs_write_atomic(tr, num, strlen(num), err, errlen)) goto done;
-  if (c->slow_ms) sleep_ms(c->slow_ms);
   purge(c, step);
   *total_bytes = total;
   rc = 0;
@@ -378,20 +381,20 @@ static int save_one(Ckpt *c, const CkptSnapshot *s, char *err, size_t errlen) {
     goto done;
   }
   if (c->rank == 0) {
-    if (c->slow_ms) sleep_ms(c->slow_ms);
     snprintf(own[n_own].name, sizeof own[0].name, "dense.safetensors");
     snprintf(p, sizeof p, "%s/%s", it, own[n_own].name);
     if (write_tensors(p, s->dense, s->n_dense, s->step, own[n_own++].sha, err, errlen)) goto done;
+    pace(c);
   }
-  if (c->slow_ms) sleep_ms(c->slow_ms);
   snprintf(own[n_own].name, sizeof own[0].name, "rank_%03d.safetensors", c->rank);
   snprintf(p, sizeof p, "%s/%s", it, own[n_own].name);
   if (write_tensors(p, s->rank_t, s->n_rank, s->step, own[n_own++].sha, err, errlen)) goto done;
-  if (c->slow_ms) sleep_ms(c->slow_ms);
+  pace(c);
   snprintf(own[n_own].name, sizeof own[0].name, "rank_%03d.json", c->rank);
   snprintf(p, sizeof p, "%s/%s", it, own[n_own].name);
   sha256_hex(meta_txt, strlen(meta_txt), own[n_own++].sha);
   if (fs_write_atomic(p, meta_txt, strlen(meta_txt), err, errlen)) goto done;
+  if (c->rank == 0) pace(c);
   int64_t total = 0;
   if (c->rank == 0 && finalise(c, s->step, it, json_get_str(meta, "git_commit", "unknown"), own, n_own,
                                &total, err, errlen))
