@@ -395,6 +395,7 @@ class NmoeModel(nn.Module):
         self.register_buffer("rope_cos", torch.from_numpy(cos), persistent=False)
         self.register_buffer("rope_sin", torch.from_numpy(sin), persistent=False)
         self.ignore = c["eos_token_id"] if c["loss_mask_eos"] else -100
+        self.keep_routing = True  # False: forward returns no routing tensors (benchmarks)
 
     def moe_layers(self):
         return [l for l, b in enumerate(self.layers) if b.is_moe]
@@ -407,7 +408,8 @@ class NmoeModel(nn.Module):
         for l, blk in enumerate(self.layers):
             x, info = blk(x, cos, sin)
             if info is not None:
-                routing[l] = info
+                if self.keep_routing:
+                    routing[l] = info
                 if info[0] is not None:
                     aux_total = info[0] if aux_total is None else aux_total + info[0]
         logits = F.linear(self.norm(x), self.lm_head.weight) * c["logits_scale"]
