@@ -1,16 +1,15 @@
 /* ckpt.c: split checkpoints (see ckpt.h for the layout): a background saver
  * with a bounded queue, rank-0 finalisation (manifest, then tracker), purge of
- * old finalised steps, verified loading, and `nmoe ckpt list|info|verify`.
+ * old finalised steps, and verified loading.
  *
  * Crash safety: every file is written to a temporary name, fsynced and renamed;
- * a step counts as finalised only when manifest.json exists and every file it
- * lists has the listed size (and, on load, SHA-256). The manifest is written
+ * a step counts as finalised only when a well-formed manifest.json exists, and
+ * loading checks every file's size and SHA-256. The manifest is written
  * after all rank files exist, the tracker after the manifest, and a purge
  * removes the manifest before the rest of a directory, so a kill at any moment
  * leaves the previous finalised step loadable. */
 #include "train/ckpt.h"
 
-#include <dirent.h>
 #include <errno.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -23,14 +22,11 @@
 #include "core/hash.h"
 #include "core/json.h"
 #include "core/log.h"
+#include "train/ckpt_dir.h"
 #include "train/safetensors.h"
 
-#define TRACKER "latest_checkpointed_iteration.txt"
 #define QCAP 2
-#define PATHN 4096
-/* Directory names are limited to MAXDIR bytes (checked at every entry point),
- * so composed paths fit PATHN; error messages may be cut to errlen. */
-#define MAXDIR 3000
+/* Paths are bounded by ckpt_dir_ok; error messages may be cut to errlen. */
 #pragma GCC diagnostic ignored "-Wformat-truncation"
 
 struct Ckpt {
@@ -57,19 +53,9 @@ static void sleep_ms(int ms) {
   while (nanosleep(&ts, &ts) && errno == EINTR) {}
 }
 
-static int dir_ok(const char *dir, char *err, size_t errlen) {
-  if (dir && *dir && strlen(dir) <= MAXDIR) return 1;
-  snprintf(err, errlen, "checkpoint directory name is empty or longer than %d bytes", MAXDIR);
-  return 0;
-}
-
 /* Test hook: widens the windows between file writes for the crash tests. */
 static void pace(const Ckpt *c) {
   if (c->slow_ms > 0) sleep_ms(c->slow_ms);
-}
-
-static void iter_path(char *out, const char *dir, int64_t step) {
-  snprintf(out, PATHN, "%s/iter_%07lld", dir, (long long)step);
 }
 
 void ckpt_snapshot_free(CkptSnapshot *s) {
@@ -82,151 +68,10 @@ void ckpt_snapshot_free(CkptSnapshot *s) {
   free(s);
 }
 
-/* ------------------------------------------------------ directory helpers */
-
-static int cmp_i64(const void *a, const void *b) {
-  int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
-  return (x > y) - (x < y);
-}
-
-/* Steps of the iter_NNNNNNN directories under dir, ascending (caller frees);
- * -1 when dir cannot be read. */
-static int list_steps(const char *dir, int64_t **out) {
-  *out = NULL;
-  DIR *d = opendir(dir);
-  if (!d) return -1;
-  int n = 0, cap = 0;
-  struct dirent *e;
-  while ((e = readdir(d))) {
-    const char *s = e->d_name;
-    if (strncmp(s, "iter_", 5) || !s[5] || strspn(s + 5, "0123456789") != strlen(s + 5)) continue;
-    char p[PATHN];
-    snprintf(p, sizeof p, "%s/%s", dir, s);
-    if (!fs_is_dir(p)) continue;
-    if (n == cap) *out = xrealloc(*out, (size_t)(cap = cap ? 2 * cap : 16) * sizeof **out);
-    (*out)[n++] = strtoll(s + 5, NULL, 10);
-  }
-  closedir(d);
-  if (n) qsort(*out, (size_t)n, sizeof **out, cmp_i64);
-  return n;
-}
-
-/* Step named by the tracker, or -1. */
-static int64_t tracker_read(const char *dir) {
-  char p[PATHN], err[256];
-  snprintf(p, sizeof p, "%s/%s", dir, TRACKER);
-  if (!fs_exists(p)) return -1;
-  char *txt = fs_read_all(p, NULL, err, sizeof err);
-  if (!txt) return -1;
-  char *end;
-  errno = 0;
-  long long v = strtoll(txt, &end, 10);
-  while (*end == ' ' || *end == '\n' || *end == '\r' || *end == '\t') end++;
-  int ok = !errno && end != txt && !*end && v >= 0;
-  free(txt);
-  return ok ? v : -1;
-}
-
-/* Reads iter_dir/manifest.json for step and checks its shape; with
- * check_files, also that every listed file exists with the listed size (no
- * hashing). A manifest is written only after every file it lists, and is
- * removed first when a step is deleted, so its presence marks a complete
- * step; files missing afterwards are damage to report, not to skip. */
-static Json *manifest_read(const char *it, int64_t step, int check_files, char *err, size_t errlen) {
-  char p[PATHN], jerr[512];
-  snprintf(p, sizeof p, "%s/manifest.json", it);
-  if (!fs_exists(p)) {
-    snprintf(err, errlen, "checkpoint %s is not finalised (no manifest.json)", it);
-    return NULL;
-  }
-  Json *m = json_parse_file(p, jerr, sizeof jerr);
-  if (!m) {
-    snprintf(err, errlen, "%s", jerr);
-    return NULL;
-  }
-  const Json *files = json_get(m, "files");
-  if (m->type != JSON_OBJ || json_get_int(m, "step", -1) != step || json_get_int(m, "world", 0) < 1 ||
-      !files || files->type != JSON_ARR || files->n < 1) {
-    snprintf(err, errlen, "%s: not a valid checkpoint manifest for step %lld", p, (long long)step);
-    goto bad;
-  }
-  for (int i = 0; i < files->n; i++) {
-    const Json *f = files->items[i];
-    const char *name = json_get_str(f, "path", NULL), *sha = json_get_str(f, "sha256", NULL);
-    int64_t bytes = json_get_int(f, "bytes", -1);
-    if (!name || !*name || strchr(name, '/') || !sha || strlen(sha) != 64 || bytes < 0) {
-      snprintf(err, errlen, "%s: files[%d] needs path, bytes and sha256", p, i);
-      goto bad;
-    }
-    if (!check_files) continue;
-    char fp[PATHN];
-    snprintf(fp, sizeof fp, "%s/%s", it, name);
-    int64_t have = fs_size(fp);
-    if (have < 0) {
-      snprintf(err, errlen, "missing file %s: the checkpoint is incomplete", fp);
-      goto bad;
-    }
-    if (have != bytes) {
-      snprintf(err, errlen, "%s has %lld bytes, the manifest says %lld: the checkpoint is corrupt", fp,
-               (long long)have, (long long)bytes);
-      goto bad;
-    }
-  }
-  return m;
-bad:
-  json_free(m);
-  return NULL;
-}
-
-/* The manifest entry for file name, or NULL. */
-static const Json *manifest_file(const Json *m, const char *name) {
-  const Json *files = json_get(m, "files");
-  for (int i = 0; i < files->n; i++)
-    if (!strcmp(json_get_str(files->items[i], "path", ""), name)) return files->items[i];
-  return NULL;
-}
-
-/* Checks the SHA-256 of one manifest-listed file. */
-static int verify_file(const char *it, const Json *entry, char *err, size_t errlen) {
-  char fp[PATHN], hex[65];
-  snprintf(fp, sizeof fp, "%s/%s", it, json_get_str(entry, "path", ""));
-  if (sha256_file_hex(fp, hex, err, errlen)) return -1;
-  if (strcmp(hex, json_get_str(entry, "sha256", ""))) {
-    snprintf(err, errlen, "checksum mismatch in %s: the checkpoint is corrupt", fp);
-    return -1;
-  }
-  return 0;
-}
-
-int64_t ckpt_latest(const char *dir) {
-  char it[PATHN], err[1024];
-  if (!dir_ok(dir, err, sizeof err)) return -1;
-  int64_t t = tracker_read(dir);
-  if (t >= 0) {
-    iter_path(it, dir, t);
-    Json *m = manifest_read(it, t, 0, err, sizeof err);
-    if (m) {
-      json_free(m);
-      return t;
-    }
-  }
-  int64_t *steps;
-  int n = list_steps(dir, &steps);
-  int64_t found = -1;
-  for (int i = n - 1; i >= 0 && found < 0; i--) {
-    iter_path(it, dir, steps[i]);
-    Json *m = manifest_read(it, steps[i], 0, err, sizeof err);
-    if (m) found = steps[i];
-    json_free(m);
-  }
-  free(steps);
-  return found;
-}
-
 /* Unfinalises (manifest first) then deletes a step directory. */
 static void remove_step(const char *dir, int64_t step) {
-  char it[PATHN], p[PATHN], err[512];
-  iter_path(it, dir, step);
+  char it[CKPT_PATHN], p[CKPT_PATHN], err[512];
+  ckpt_iter_path(it, dir, step);
   snprintf(p, sizeof p, "%s/manifest.json", it);
   if (fs_exists(p) && (unlink(p) || fs_fsync_dir(it, err, sizeof err))) {
     log_warn("checkpoint purge: cannot remove %s: %s", p, strerror(errno));
@@ -242,12 +87,12 @@ static void remove_step(const char *dir, int64_t step) {
 static void purge(const Ckpt *c, int64_t step) {
   if (c->keep <= 0) return;
   int64_t *steps;
-  int n = list_steps(c->dir, &steps);
+  int n = ckpt_list_steps(c->dir, &steps);
   int kept = 1;
   for (int i = n - 1; i >= 0; i--) {
     if (steps[i] >= step) continue;
-    char it[PATHN], p[PATHN];
-    iter_path(it, c->dir, steps[i]);
+    char it[CKPT_PATHN], p[CKPT_PATHN];
+    ckpt_iter_path(it, c->dir, steps[i]);
     snprintf(p, sizeof p, "%s/manifest.json", it);
     if (fs_exists(p) && kept < c->keep) {
       kept++;
@@ -299,7 +144,7 @@ static int finalise(Ckpt *c, int64_t step, const char *it, const char *git_sha, 
   }
   double deadline = now_s() + c->final_timeout;
   int rc = -1;
-  char fp[PATHN];
+  char fp[CKPT_PATHN];
   for (int i = 0; i < nf; i++) {
     snprintf(fp, sizeof fp, "%s/%s", it, fs[i].name);
     while (!fs_exists(fp)) {
@@ -346,8 +191,8 @@ static int finalise(Ckpt *c, int64_t step, const char *it, const char *git_sha, 
   free(doc);
   if (wrc) goto done;
   pace(c);
-  char tr[PATHN], num[32];
-  snprintf(tr, sizeof tr, "%s/%s", c->dir, TRACKER);
+  char tr[CKPT_PATHN], num[32];
+  snprintf(tr, sizeof tr, "%s/%s", c->dir, CKPT_TRACKER);
   snprintf(num, sizeof num, "%lld\n", (long long)step);
   if (fs_write_atomic(tr, num, strlen(num), err, errlen)) goto done;
   purge(c, step);
@@ -359,9 +204,9 @@ done:
 }
 
 static int save_one(Ckpt *c, const CkptSnapshot *s, char *err, size_t errlen) {
-  char it[PATHN], p[PATHN], jerr[512];
+  char it[CKPT_PATHN], p[CKPT_PATHN], jerr[512];
   double t0 = now_s();
-  iter_path(it, c->dir, s->step);
+  ckpt_iter_path(it, c->dir, s->step);
   const char *meta_txt = s->meta_json ? s->meta_json : "{}";
   Json *meta = json_parse(meta_txt, strlen(meta_txt), jerr, sizeof jerr);
   if (!meta || meta->type != JSON_OBJ) {
@@ -437,7 +282,7 @@ static void *saver_main(void *arg) {
 }
 
 Ckpt *ckpt_open(const char *dir, int rank, int world, int keep_last_n, char *err, size_t errlen) {
-  if (!dir_ok(dir, err, errlen)) return NULL;
+  if (!ckpt_dir_ok(dir, err, errlen)) return NULL;
   if (world < 1 || rank < 0 || rank >= world) {
     snprintf(err, errlen, "checkpoint: invalid rank %d of world %d", rank, world);
     return NULL;
@@ -525,13 +370,13 @@ const CkptTensor *ckpt_find(const CkptLoaded *l, const char *name) {
 /* Verifies it/name against the manifest and appends its tensors to l. */
 static int load_tensors(CkptLoaded *l, const char *it, const Json *m, const char *name, char *err,
                         size_t errlen) {
-  const Json *e = manifest_file(m, name);
+  const Json *e = ckpt_manifest_file(m, name);
   if (!e) {
     snprintf(err, errlen, "%s/manifest.json does not list %s", it, name);
     return -1;
   }
-  if (verify_file(it, e, err, errlen)) return -1;
-  char fp[PATHN];
+  if (ckpt_verify_file(it, e, err, errlen)) return -1;
+  char fp[CKPT_PATHN];
   snprintf(fp, sizeof fp, "%s/%s", it, name);
   StFile *f = st_open(fp, err, errlen);
   if (!f) return -1;
@@ -559,14 +404,14 @@ static int load_tensors(CkptLoaded *l, const char *it, const Json *m, const char
 }
 
 CkptLoaded *ckpt_load(const char *dir, int64_t step, int rank, int world, char *err, size_t errlen) {
-  char it[PATHN], name[64], fp[PATHN], jerr[512];
-  if (!dir_ok(dir, err, errlen)) return NULL;
-  iter_path(it, dir, step);
+  char it[CKPT_PATHN], name[64], fp[CKPT_PATHN], jerr[512];
+  if (!ckpt_dir_ok(dir, err, errlen)) return NULL;
+  ckpt_iter_path(it, dir, step);
   if (!fs_is_dir(it)) {
     snprintf(err, errlen, "checkpoint %s does not exist", it);
     return NULL;
   }
-  Json *m = manifest_read(it, step, 1, err, errlen);
+  Json *m = ckpt_manifest_read(it, step, 1, err, errlen);
   if (!m) return NULL;
   CkptLoaded *l = xcalloc(1, sizeof *l);
   l->step = step;
@@ -580,12 +425,12 @@ CkptLoaded *ckpt_load(const char *dir, int64_t step, int rank, int world, char *
   if (load_tensors(l, it, m, "dense.safetensors", err, errlen) || load_tensors(l, it, m, name, err, errlen))
     goto fail;
   snprintf(name, sizeof name, "rank_%03d.json", rank);
-  const Json *e = manifest_file(m, name);
+  const Json *e = ckpt_manifest_file(m, name);
   if (!e) {
     snprintf(err, errlen, "%s/manifest.json does not list %s", it, name);
     goto fail;
   }
-  if (verify_file(it, e, err, errlen)) goto fail;
+  if (ckpt_verify_file(it, e, err, errlen)) goto fail;
   snprintf(fp, sizeof fp, "%s/%s", it, name);
   if (!(l->meta = json_parse_file(fp, jerr, sizeof jerr))) {
     snprintf(err, errlen, "%s", jerr);
@@ -597,229 +442,4 @@ fail:
   json_free(m);
   ckpt_loaded_free(l);
   return NULL;
-}
-
-/* -------------------------------------------------------------------- CLI */
-
-static const char *CKPT_USAGE =
-    "usage: nmoe ckpt list DIR                  steps (finalised or not), sizes, tracker\n"
-    "       nmoe ckpt info DIR [STEP]           manifest, metadata summary and tensors\n"
-    "       nmoe ckpt verify DIR [STEP|--all]   sizes and SHA-256 of every file (exit 1 on a problem)\n";
-
-static int64_t dir_bytes(const char *it, int *nfiles) {
-  int64_t total = 0;
-  *nfiles = 0;
-  DIR *d = opendir(it);
-  if (!d) return 0;
-  struct dirent *e;
-  char p[PATHN];
-  while ((e = readdir(d))) {
-    if (e->d_name[0] == '.') continue;
-    snprintf(p, sizeof p, "%s/%s", it, e->d_name);
-    int64_t s = fs_is_dir(p) ? -1 : fs_size(p);
-    if (s >= 0) total += s, (*nfiles)++;
-  }
-  closedir(d);
-  return total;
-}
-
-static int cli_list(const char *dir) {
-  int64_t *steps;
-  int n = list_steps(dir, &steps);
-  if (n < 0) {
-    fprintf(stderr, "nmoe: error: cannot read checkpoint directory %s: %s\n", dir, strerror(errno));
-    return 1;
-  }
-  int64_t t = tracker_read(dir);
-  if (t >= 0) printf("tracker: %lld (%s)\n", (long long)t, TRACKER);
-  else printf("tracker: none\n");
-  printf("%-10s %-12s %6s %14s\n", "step", "state", "files", "bytes");
-  char it[PATHN], err[1024];
-  for (int i = 0; i < n; i++) {
-    iter_path(it, dir, steps[i]);
-    Json *m = manifest_read(it, steps[i], 0, err, sizeof err);
-    int nf;
-    int64_t b = dir_bytes(it, &nf);
-    printf("%-10lld %-12s %6d %14lld%s\n", (long long)steps[i], m ? "finalised" : "unfinalised", nf,
-           (long long)b, steps[i] == t ? "  <- tracker" : "");
-    json_free(m);
-  }
-  if (!n) printf("(no checkpoints)\n");
-  free(steps);
-  return 0;
-}
-
-/* STEP argument or the latest finalised step; -1 with a message. */
-static int64_t cli_step(const char *dir, const char *arg) {
-  if (arg) {
-    char *end;
-    long long v = strtoll(arg, &end, 10);
-    if (*end || v < 0 || end == arg) {
-      fprintf(stderr, "nmoe: error: '%s' is not a step number\n", arg);
-      return -1;
-    }
-    return v;
-  }
-  int64_t s = ckpt_latest(dir);
-  if (s < 0) fprintf(stderr, "nmoe: error: no finalised checkpoint in %s\n", dir);
-  return s;
-}
-
-static void print_tensors(const char *fp) {
-  char err[1024];
-  StFile *f = st_open(fp, err, sizeof err);
-  if (!f) {
-    printf("  %s\n", err);
-    return;
-  }
-  printf("%s: %d tensors\n", strrchr(fp, '/') + 1, f->n);
-  for (int i = 0; i < f->n; i++) {
-    char shape[128] = "";
-    size_t o = 0;
-    for (int d = 0; d < f->t[i].ndim && o < sizeof shape; d++)
-      o += (size_t)snprintf(shape + o, sizeof shape - o, "%s%lld", d ? ", " : "", (long long)f->t[i].shape[d]);
-    printf("  %-48s %-5s [%s] %zu bytes\n", f->t[i].name, f->t[i].dtype, shape, f->t[i].nbytes);
-  }
-  st_close(f);
-}
-
-static int cli_info(const char *dir, const char *arg) {
-  int64_t step = cli_step(dir, arg);
-  if (step < 0) return 1;
-  char it[PATHN], err[1024], fp[PATHN];
-  iter_path(it, dir, step);
-  Json *m = manifest_read(it, step, 0, err, sizeof err);
-  if (!m) {
-    fprintf(stderr, "nmoe: error: %s\n", err);
-    return 1;
-  }
-  printf("checkpoint %s\n  step %lld, world %lld, %lld bytes, git %s\n", it, (long long)step,
-         (long long)json_get_int(m, "world", 0), (long long)json_get_int(m, "bytes_total", 0),
-         json_get_str(m, "git_sha", "?"));
-  const Json *files = json_get(m, "files");
-  for (int i = 0; i < files->n; i++)
-    printf("  %-28s %14lld  sha256 %.16s...\n", json_get_str(files->items[i], "path", ""),
-           (long long)json_get_int(files->items[i], "bytes", 0), json_get_str(files->items[i], "sha256", ""));
-  snprintf(fp, sizeof fp, "%s/rank_000.json", it);
-  Json *meta = json_parse_file(fp, err, sizeof err);
-  printf("metadata (rank_000.json):\n");
-  if (!meta) printf("  %s\n", err);
-  for (int i = 0; meta && meta->type == JSON_OBJ && i < meta->n; i++) {
-    const Json *v = meta->items[i];
-    if (v->type == JSON_OBJ || v->type == JSON_ARR) {
-      printf("  %-24s %s with %d entries\n", meta->keys[i], v->type == JSON_OBJ ? "object" : "array", v->n);
-    } else {
-      char *s = json_dump(v);
-      printf("  %-24s %.96s%s\n", meta->keys[i], s, strlen(s) > 96 ? "..." : "");
-      free(s);
-    }
-  }
-  json_free(meta);
-  snprintf(fp, sizeof fp, "%s/dense.safetensors", it);
-  print_tensors(fp);
-  snprintf(fp, sizeof fp, "%s/rank_000.safetensors", it);
-  print_tensors(fp);
-  json_free(m);
-  return 0;
-}
-
-/* Full check of one step: manifest, sizes, SHA-256, file structure. */
-static int verify_step(const char *dir, int64_t step, char *err, size_t errlen) {
-  char it[PATHN], fp[PATHN];
-  iter_path(it, dir, step);
-  Json *m = manifest_read(it, step, 1, err, errlen);
-  if (!m) return -1;
-  const Json *files = json_get(m, "files");
-  int rc = 0;
-  for (int i = 0; i < files->n && !rc; i++) {
-    const char *name = json_get_str(files->items[i], "path", "");
-    snprintf(fp, sizeof fp, "%s/%s", it, name);
-    rc = verify_file(it, files->items[i], err, errlen);
-    size_t len = strlen(name);
-    if (!rc && len > 12 && !strcmp(name + len - 12, ".safetensors")) {
-      StFile *f = st_open(fp, err, errlen);
-      rc = f ? 0 : -1;
-      st_close(f);
-    } else if (!rc && len > 5 && !strcmp(name + len - 5, ".json")) {
-      Json *j = json_parse_file(fp, err, errlen);
-      rc = j ? 0 : -1;
-      json_free(j);
-    }
-  }
-  if (!rc) printf("step %lld: ok (%d files, %lld bytes)\n", (long long)step, files->n,
-                  (long long)json_get_int(m, "bytes_total", 0));
-  json_free(m);
-  return rc;
-}
-
-static int cli_verify(const char *dir, const char *arg) {
-  char err[1024], it[PATHN];
-  int bad = 0, checked = 0;
-  int64_t t = tracker_read(dir);
-  if (arg && !strcmp(arg, "--all")) {
-    int64_t *steps;
-    int n = list_steps(dir, &steps);
-    if (n < 0) {
-      fprintf(stderr, "nmoe: error: cannot read checkpoint directory %s: %s\n", dir, strerror(errno));
-      return 1;
-    }
-    for (int i = 0; i < n; i++) {
-      char p[PATHN];
-      iter_path(it, dir, steps[i]);
-      snprintf(p, sizeof p, "%s/manifest.json", it);
-      if (!fs_exists(p)) {
-        printf("step %lld: not finalised (no manifest.json), skipped\n", (long long)steps[i]);
-        continue;
-      }
-      checked++;
-      if (verify_step(dir, steps[i], err, sizeof err)) {
-        printf("step %lld: FAILED: %s\n", (long long)steps[i], err);
-        bad++;
-      }
-    }
-    free(steps);
-  } else {
-    int64_t step = cli_step(dir, arg);
-    if (step < 0) return 1;
-    checked++;
-    if (verify_step(dir, step, err, sizeof err)) {
-      printf("step %lld: FAILED: %s\n", (long long)step, err);
-      bad++;
-    }
-  }
-  if (t >= 0) {
-    iter_path(it, dir, t);
-    Json *m = manifest_read(it, t, 0, err, sizeof err);
-    if (!m) {
-      printf("tracker names step %lld, which is not a valid checkpoint: %s\n", (long long)t, err);
-      bad++;
-    }
-    json_free(m);
-  }
-  if (!checked) {
-    fprintf(stderr, "nmoe: error: no finalised checkpoint in %s\n", dir);
-    return 1;
-  }
-  if (bad) fprintf(stderr, "nmoe: error: %d problem%s found in %s\n", bad, bad == 1 ? "" : "s", dir);
-  return bad ? 1 : 0;
-}
-
-int ckpt_main(int argc, char **argv) {
-  if (argc >= 2 && (!strcmp(argv[1], "--help") || !strcmp(argv[1], "-h"))) {
-    fputs(CKPT_USAGE, stdout);
-    return 0;
-  }
-  char err[128];
-  if (argc >= 3 && !dir_ok(argv[2], err, sizeof err)) {
-    fprintf(stderr, "nmoe: error: %s\n", err);
-    return 1;
-  }
-  if (argc >= 3 && argc <= 4) {
-    const char *arg = argc == 4 ? argv[3] : NULL;
-    if (!strcmp(argv[1], "list") && !arg) return cli_list(argv[2]);
-    if (!strcmp(argv[1], "info")) return cli_info(argv[2], arg);
-    if (!strcmp(argv[1], "verify")) return cli_verify(argv[2], arg);
-  }
-  fputs(CKPT_USAGE, stderr);
-  return 2;
 }
