@@ -69,6 +69,8 @@ typedef struct Model {
   /* Activations for one (B, T) batch shape, allocated on first use. */
   int B, T;
   LayerActs *acts;
+  void **owned;              /* every activation/scratch buffer, freed together */
+  int n_owned, cap_owned;
   void *rope_cos, *rope_sin; /* F32 [T, rope_dim/2] */
   void *tok_in, *tok_tgt;    /* I32 [N] */
   void *res;                 /* ACT [L+1, N, D]: residual stream per layer boundary */

@@ -31,8 +31,21 @@ struct LayerActs {
 #define ACT(m, p, elems) ((void *)((char *)(p) + (size_t)(elems) * (m)->be->size[BUF_ACT]))
 #define F32AT(m, p, elems) ((void *)((char *)(p) + (size_t)(elems) * (m)->be->size[BUF_F32]))
 
+/* Allocates an activation/scratch buffer owned by the model (freed by free_acts). */
 static void *alloc_kind(Model *m, BufKind k, size_t n) {
-  return m->be->alloc(m->be, n * m->be->size[k]);
+  if (m->n_owned == m->cap_owned) {
+    m->cap_owned = m->cap_owned ? 2 * m->cap_owned : 64;
+    m->owned = xrealloc(m->owned, (size_t)m->cap_owned * sizeof *m->owned);
+  }
+  return m->owned[m->n_owned++] = m->be->alloc(m->be, n * m->be->size[k]);
+}
+
+/* A layer activation: its own buffer, or (share) one buffer reused by every
+ * layer, for activations recomputed in backward instead of kept. */
+static void *act_buf(Model *m, void **shared, int share, BufKind k, size_t n) {
+  if (!share) return alloc_kind(m, k, n);
+  if (!*shared) *shared = alloc_kind(m, k, n);
+  return *shared;
 }
 
 /* RoPE tables cos/sin [T, rope_dim/2], with YaRN NTK-by-parts when
@@ -88,19 +101,9 @@ static void get_f32_as_double(Backend *be, double *out, const void *src, size_t 
 static size_t max_sz(size_t a, size_t b) { return a > b ? a : b; }
 
 static void free_acts(Model *m) {
-  if (!m->acts) return;
-  Backend *be = m->be;
-  for (int l = 0; l < m->d.L; l++) {
-    void **p = (void **)&m->acts[l];
-    for (size_t i = 0; i < sizeof(LayerActs) / sizeof(void *); i++)
-      if (p[i]) be->free(be, p[i]);
-  }
+  for (int i = 0; i < m->n_owned; i++) m->be->free(m->be, m->owned[i]);
+  m->n_owned = 0;
   free(m->acts);
-  void *bufs[] = {m->rope_cos, m->rope_sin, m->tok_in, m->tok_tgt, m->res, m->mid, m->xf,
-                  m->rstd_f, m->g_res, m->g_xn, m->g_tmp, m->g_big[0], m->g_big[1],
-                  m->g_big[2], m->g_big[3], m->g_big[4]};
-  for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
-    if (bufs[i]) be->free(be, bufs[i]);
   m->acts = NULL;
 }
 
@@ -119,29 +122,34 @@ static void ensure_acts(Model *m, int B, int T) {
   wide = max_sz(wide, (size_t)d->kvr + d->dr);
   wide = max_sz(wide, (size_t)d->qr);
   size_t big = N * wide;
+  /* With recompute_attn only the attention input survives the forward; with
+   * recompute_experts only the routing (ids, weights, permutation). */
+  const int ra = m->cfg.recompute_attn, re = m->cfg.recompute_experts;
+  LayerActs sh;
+  memset(&sh, 0, sizeof sh);
   for (int l = 0; l < d->L; l++) {
     LayerActs *a = &m->acts[l];
     const LayerParams *lp = &m->lp[l];
-    a->xn1 = alloc_kind(m, BUF_ACT, N * d->D);
-    a->rstd1 = alloc_kind(m, BUF_F32, N);
+    a->xn1 = act_buf(m, &sh.xn1, ra, BUF_ACT, N * d->D);
+    a->rstd1 = act_buf(m, &sh.rstd1, ra, BUF_F32, N);
     if (d->mla) {
       if (d->qr > 0) {
-        a->q_a = alloc_kind(m, BUF_ACT, N * d->qr);
-        a->q_a_rstd = alloc_kind(m, BUF_F32, N);
-        a->q_an = alloc_kind(m, BUF_ACT, N * d->qr);
+        a->q_a = act_buf(m, &sh.q_a, ra, BUF_ACT, N * d->qr);
+        a->q_a_rstd = act_buf(m, &sh.q_a_rstd, ra, BUF_F32, N);
+        a->q_an = act_buf(m, &sh.q_an, ra, BUF_ACT, N * d->qr);
       }
-      a->q = alloc_kind(m, BUF_ACT, N * d->H * d->dqk);
-      a->kv_a = alloc_kind(m, BUF_ACT, N * (d->kvr + d->dr));
-      a->kv_rstd = alloc_kind(m, BUF_F32, N);
-      a->kvn = alloc_kind(m, BUF_ACT, N * d->kvr);
-      a->kv = alloc_kind(m, BUF_ACT, N * d->H * (d->dn + d->dvh));
-      a->k = alloc_kind(m, BUF_ACT, N * d->H * d->dqk);
-      a->v = alloc_kind(m, BUF_ACT, N * d->H * d->dvh);
+      a->q = act_buf(m, &sh.q, ra, BUF_ACT, N * d->H * d->dqk);
+      a->kv_a = act_buf(m, &sh.kv_a, ra, BUF_ACT, N * (d->kvr + d->dr));
+      a->kv_rstd = act_buf(m, &sh.kv_rstd, ra, BUF_F32, N);
+      a->kvn = act_buf(m, &sh.kvn, ra, BUF_ACT, N * d->kvr);
+      a->kv = act_buf(m, &sh.kv, ra, BUF_ACT, N * d->H * (d->dn + d->dvh));
+      a->k = act_buf(m, &sh.k, ra, BUF_ACT, N * d->H * d->dqk);
+      a->v = act_buf(m, &sh.v, ra, BUF_ACT, N * d->H * d->dvh);
     } else {
-      a->qkv = alloc_kind(m, BUF_ACT, N * (d->H + 2 * d->Hkv) * d->hd);
+      a->qkv = act_buf(m, &sh.qkv, ra, BUF_ACT, N * (d->H + 2 * d->Hkv) * d->hd);
     }
-    a->attn_o = alloc_kind(m, BUF_ACT, N * d->H * d->dv);
-    a->lse = alloc_kind(m, BUF_F32, N * d->H);
+    a->attn_o = act_buf(m, &sh.attn_o, ra, BUF_ACT, N * d->H * d->dv);
+    a->lse = act_buf(m, &sh.lse, ra, BUF_F32, N * d->H);
     a->xn2 = alloc_kind(m, BUF_ACT, N * d->D);
     a->rstd2 = alloc_kind(m, BUF_F32, N);
     if (lp->moe_index < 0) {
@@ -157,13 +165,13 @@ static void ensure_acts(Model *m, int B, int T) {
       a->row_of = alloc_kind(m, BUF_I32, M);
       a->pair_of = alloc_kind(m, BUF_I32, M);
       a->imp = alloc_kind(m, BUF_F32, d->E);
-      a->xe = alloc_kind(m, BUF_ACT, M * d->D);
-      a->gu_e = alloc_kind(m, BUF_ACT, M * 2 * d->Fm);
-      a->h_e = alloc_kind(m, BUF_ACT, M * d->Fm);
-      a->ye = alloc_kind(m, BUF_ACT, M * d->D);
+      a->xe = act_buf(m, &sh.xe, re, BUF_ACT, M * d->D);
+      a->gu_e = act_buf(m, &sh.gu_e, re, BUF_ACT, M * 2 * d->Fm);
+      a->h_e = act_buf(m, &sh.h_e, re, BUF_ACT, M * d->Fm);
+      a->ye = act_buf(m, &sh.ye, re, BUF_ACT, M * d->D);
       if (d->Fs > 0) {
-        a->gu_s = alloc_kind(m, BUF_ACT, N * 2 * d->Fs);
-        a->h_s = alloc_kind(m, BUF_ACT, N * d->Fs);
+        a->gu_s = act_buf(m, &sh.gu_s, re, BUF_ACT, N * 2 * d->Fs);
+        a->h_s = act_buf(m, &sh.h_s, re, BUF_ACT, N * d->Fs);
       }
       big = max_sz(big, M * max_sz((size_t)d->D, 2 * (size_t)d->Fm));
       big = max_sz(big, N * 2 * (size_t)d->Fs);
@@ -196,6 +204,7 @@ void model_free(Model *m) {
   free(m->counts_host);
   free(m->imp_host);
   free(m->off_host);
+  free(m->owned);
   free(m->lp);
   params_free(&m->pt);
   free(m);
@@ -224,8 +233,9 @@ static AttnShape attn_shape(const Model *m, int window) {
 
 /* ---------------------------------------------------------------- attention */
 
-/* mid = x + wo(attn(rmsnorm(x))) */
-static void attn_forward(Model *m, int l, const void *x, void *mid) {
+/* Everything of the attention block up to attn_o (and lse) from its input x:
+ * run in forward, and again in backward when recompute_attn. */
+static void attn_core(Model *m, int l, const void *x) {
   Backend *be = m->be;
   const ModelDims *d = &m->d;
   const LayerParams *lp = &m->lp[l];
@@ -268,8 +278,15 @@ static void attn_forward(Model *m, int l, const void *x, void *mid) {
     v = ACT(m, a->qkv, (d->H + d->Hkv) * d->hd);
   }
   be->attn_fwd(be, a->attn_o, a->lse, q, k, v, &s);
-  be->gemm(be, m->g_tmp, a->attn_o, W(m, lp->wo), N, d->D, d->H * d->dv, 0, 1, 1, 0, 0);
-  be->add(be, mid, x, m->g_tmp, (size_t)N * d->D);
+}
+
+/* mid = x + wo(attn(rmsnorm(x))) */
+static void attn_forward(Model *m, int l, const void *x, void *mid) {
+  Backend *be = m->be;
+  const int N = m->B * m->T, D = m->d.D;
+  attn_core(m, l, x);
+  be->gemm(be, m->g_tmp, m->acts[l].attn_o, W(m, m->lp[l].wo), N, D, m->d.H * m->d.dv, 0, 1, 1, 0, 0);
+  be->add(be, mid, x, m->g_tmp, (size_t)N * D);
 }
 
 /* g_res holds dL/d(mid) on entry and dL/d(x) on return. */
@@ -281,6 +298,7 @@ static void attn_backward(Model *m, int l, const void *x) {
   const int N = m->B * m->T, T = m->T;
   AttnShape s = attn_shape(m, lp->window);
   void **g = m->g_big;
+  if (m->cfg.recompute_attn) attn_core(m, l, x);
   /* d_o = g_res @ wo; dwo += g_res^T @ attn_o */
   be->gemm(be, g[0], m->g_res, W(m, lp->wo), N, d->H * d->dv, d->D, 0, 0, 1, 0, 0);
   be->gemm(be, G(m, lp->wo), m->g_res, a->attn_o, d->D, d->H * d->dv, N, 1, 0, 1, 1, 0);
@@ -331,13 +349,35 @@ static void attn_backward(Model *m, int l, const void *x) {
 
 /* ---------------------------------------------------------------- ffn */
 
+/* Routed experts (xe, gu_e, h_e, ye) and the shared experts' hidden (gu_s,
+ * h_s) from xn2 and the routing of this layer's forward; m->off_host must hold
+ * the layer's offsets. Run in forward, and again in backward when
+ * recompute_experts. */
+static void experts_forward(Model *m, int l) {
+  Backend *be = m->be;
+  const ModelDims *d = &m->d;
+  const LayerParams *lp = &m->lp[l];
+  LayerActs *a = &m->acts[l];
+  const int N = m->B * m->T, M = N * d->K, E = d->E;
+  be->moe_gather(be, a->xe, a->xn2, a->pair_of, N, d->K, d->D);
+  be->grouped_gemm(be, GG_FWD, a->gu_e, a->xe, W(m, lp->exp_w13), a->off, m->off_host, E, M,
+                   2 * d->Fm, d->D);
+  be->swiglu_fwd(be, a->h_e, a->gu_e, M, d->Fm);
+  be->grouped_gemm(be, GG_FWD, a->ye, a->h_e, W(m, lp->exp_w2), a->off, m->off_host, E, M, d->D,
+                   d->Fm);
+  if (d->Fs > 0) {
+    be->gemm(be, a->gu_s, a->xn2, W(m, lp->sh_w1), N, 2 * d->Fs, d->D, 0, 1, 1, 0, 0);
+    be->swiglu_fwd(be, a->h_s, a->gu_s, N, d->Fs);
+  }
+}
+
 /* y = x + ffn(rmsnorm(x)) */
 static void ffn_forward(Model *m, int l, const void *x, void *y) {
   Backend *be = m->be;
   const ModelDims *d = &m->d;
   const LayerParams *lp = &m->lp[l];
   LayerActs *a = &m->acts[l];
-  const int N = m->B * m->T, M = N * d->K;
+  const int N = m->B * m->T;
   be->rmsnorm_fwd(be, a->xn2, a->rstd2, x, W(m, lp->ffn_norm), N, d->D, d->D, d->D,
                   (float)m->cfg.rms_norm_eps);
   void *out = m->g_tmp;
@@ -355,17 +395,8 @@ static void ffn_forward(Model *m, int l, const void *x, void *y) {
     int32_t *cnt = m->counts_host + (size_t)li * E;
     for (int e = 0; e < E; e++) cnt[e] = m->off_host[e + 1] - m->off_host[e];
     if (m->cfg.aux_loss_alpha > 0) get_f32_as_double(be, m->imp_host + (size_t)li * E, a->imp, E);
-    be->moe_gather(be, a->xe, a->xn2, a->pair_of, N, d->K, d->D);
-    be->grouped_gemm(be, GG_FWD, a->gu_e, a->xe, W(m, lp->exp_w13), a->off, m->off_host, E, M,
-                     2 * d->Fm, d->D);
-    be->swiglu_fwd(be, a->h_e, a->gu_e, M, d->Fm);
-    be->grouped_gemm(be, GG_FWD, a->ye, a->h_e, W(m, lp->exp_w2), a->off, m->off_host, E, M, d->D,
-                     d->Fm);
-    if (d->Fs > 0) {
-      be->gemm(be, a->gu_s, a->xn2, W(m, lp->sh_w1), N, 2 * d->Fs, d->D, 0, 1, 1, 0, 0);
-      be->swiglu_fwd(be, a->h_s, a->gu_s, N, d->Fs);
-      be->gemm(be, out, a->h_s, W(m, lp->sh_w2), N, d->D, d->Fs, 0, 1, 1, 0, 0);
-    }
+    experts_forward(m, l);
+    if (d->Fs > 0) be->gemm(be, out, a->h_s, W(m, lp->sh_w2), N, d->D, d->Fs, 0, 1, 1, 0, 0);
     be->moe_combine(be, out, a->ye, a->w, a->row_of, N, d->K, d->D, d->Fs > 0);
   }
   be->add(be, y, x, out, (size_t)N * d->D);
@@ -407,6 +438,7 @@ static void ffn_backward(Model *m, int l, const void *x) {
     const int32_t *cnt = m->counts_host + (size_t)li * E;
     m->off_host[0] = 0;
     for (int e = 0; e < E; e++) m->off_host[e + 1] = m->off_host[e] + cnt[e];
+    if (m->cfg.recompute_experts) experts_forward(m, l);
     be->moe_combine_bwd(be, g[0], dw, dy, a->ye, a->w, a->row_of, N, d->K, d->D);
     be->grouped_gemm(be, GG_DX, g[1], g[0], W(m, lp->exp_w2), a->off, m->off_host, E, M, d->D, d->Fm);
     be->grouped_gemm(be, GG_DW, G(m, lp->exp_w2), a->h_e, g[0], a->off, m->off_host, E, M, d->D,

@@ -174,6 +174,33 @@ static void test_router_bias_update(void **state) {
   be->destroy(be);
 }
 
+/* Recomputing attention and the expert path in backward gives exactly the
+ * gradients of keeping them (same ops on the same inputs). */
+static void test_recompute_bit_identical(void **state) {
+  (void)state;
+  Config c;
+  tiny_config(&c);
+  const int B = (int)c.batch_size, T = (int)c.seq_len, N = B * T;
+  int32_t in[N], tg[N];
+  for (int i = 0; i < N; i++) {
+    in[i] = (int32_t)(rng_u64(5, 1, (uint64_t)i, 0) % (uint64_t)c.vocab_size);
+    tg[i] = (int32_t)(rng_u64(5, 2, (uint64_t)i, 0) % (uint64_t)c.vocab_size);
+  }
+  Backend *be = backend_cpu();
+  Model *keep = model_create(&c, be);
+  double l1 = model_train_step_grads(keep, in, tg, B, T, 0);
+  c.recompute_attn = true;
+  c.recompute_experts = true;
+  Model *re = model_create(&c, be);
+  double l2 = model_train_step_grads(re, in, tg, B, T, 0);
+  assert_true(l1 == l2);
+  assert_int_equal(keep->pt.total, re->pt.total);
+  assert_memory_equal(keep->grads, re->grads, keep->pt.total * be->size[BUF_ACT]);
+  model_free(keep);
+  model_free(re);
+  be->destroy(be);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_mla_moe_shared_dense),
@@ -181,6 +208,7 @@ int main(void) {
       cmocka_unit_test(test_moe_aux_loss_no_qlora_window),
       cmocka_unit_test(test_yarn_rope),
       cmocka_unit_test(test_router_bias_update),
+      cmocka_unit_test(test_recompute_bit_identical),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
