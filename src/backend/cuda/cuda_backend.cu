@@ -31,6 +31,18 @@ typedef struct PhaseState {
   cudaEvent_t end;
 } PhaseState;
 
+/* ---- memory accounting ---- */
+
+/* Device memory only grows at allocations, so sampling the card's used bytes
+ * after each one gives the peak (context, library workspaces included). */
+static void note_usage(CudaCtx *c) {
+  size_t free_b = 0, total_b = 0;
+  if (cudaMemGetInfo(&free_b, &total_b) == cudaSuccess && total_b - free_b > c->mem_peak)
+    c->mem_peak = total_b - free_b;
+}
+
+static size_t cu_mem_peak(Backend *be) { return cuda_ctx(be)->mem_peak; }
+
 /* ---- scratch ---- */
 
 extern "C" void *cuda_scratch(Backend *be, int slot, size_t bytes) {
@@ -49,6 +61,7 @@ extern "C" void *cuda_scratch(Backend *be, int slot, size_t bytes) {
     CUDA_CHECK(cudaMalloc(&c->scratch[slot], want));
   }
   c->scratch_bytes[slot] = want;
+  note_usage(c);
   return c->scratch[slot];
 }
 
@@ -66,6 +79,7 @@ static void *cu_alloc(Backend *be, size_t bytes) {
                total_b / 1048576.0);
   }
   CUDA_CHECK(cudaMemsetAsync(p, 0, bytes, cuda_stream(be)));
+  note_usage(cuda_ctx(be));
   return p;
 }
 
@@ -290,5 +304,6 @@ extern "C" Backend *backend_cuda(int device, char *err, size_t errlen) {
   be->adamw = cu_adamw;
   be->phase = cu_phase;
   be->phase_report = cu_phase_report;
+  be->mem_peak = cu_mem_peak;
   return be;
 }

@@ -49,6 +49,7 @@ typedef struct CudaCtx {
   void *scratch[16];   /* grow-only device scratch, one per slot (see cuda_scratch) */
   size_t scratch_bytes[16];
   void *timing;        /* phase timing state (events) */
+  size_t mem_peak;     /* highest device memory in use seen after an allocation */
 } CudaCtx;
 
 static inline CudaCtx *cuda_ctx(Backend *be) { return (CudaCtx *)be->impl; }
