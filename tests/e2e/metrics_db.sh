@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Metrics and run records: the databases open with the sqlite3 CLI, every
+# logged step is present, a completed run is marked completed and a run
+# stopped by SIGTERM is marked killed (after saving a checkpoint).
+source "$(dirname "$0")/lib/train_env.sh"
+make_tokens "$T/data" 2 20000 7
+write_config "$T/c.toml" "$T/data"
+NMOE_RUN=done "$NMOE" train "$T/c.toml" --steps=12 --log_every=3 >"$T/a.log" 2>&1 || { cat "$T/a.log"; die "run failed"; }
+steps=$(sqlite3 "$T/metrics/done/rank_0.sqlite" "select group_concat(step) from (select step from metrics where tag='train/loss' order by step)")
+[ "$steps" = "1,3,6,9,12" ] || die "logged steps are '$steps'"
+for tag in optimizer/lr throughput/tokens_per_s_gpu efficiency/tflops router_agg/mean_cv router/layer_01/cv; do
+  n=$(sqlite3 "$T/metrics/done/rank_0.sqlite" "select count(*) from metrics where tag='$tag'")
+  [ "$n" -eq 5 ] || die "tag $tag has $n rows"
+done
+[ "$(sqlite3 "$T/experiments.db" "select status from runs where id='done'")" = completed ] || die "run not completed"
+sqlite3 "$T/experiments.db" "select results_json from runs where id='done'" | grep -q final_loss || die "no results_json"
+NMOE_RUN=stopped "$NMOE" train "$T/c.toml" --steps=100000 --checkpoint_every=0 >"$T/k.log" 2>&1 &
+pid=$!
+for _ in $(seq 1 100); do grep -q "step " "$T/k.log" 2>/dev/null && break; sleep 0.1; done
+kill -TERM $pid
+wait $pid && die "killed run exited 0" || true
+[ "$(sqlite3 "$T/experiments.db" "select status from runs where id='stopped'")" = killed ] || { cat "$T/k.log"; die "run not marked killed"; }
+[ -f "$T/ckpt/latest_checkpointed_iteration.txt" ] || die "no checkpoint saved on SIGTERM"
+echo "ok: metrics and run status"
