@@ -277,6 +277,7 @@ static void attn_core(Model *m, int l, const void *x) {
     k = ACT(m, a->qkv, d->H * d->hd);
     v = ACT(m, a->qkv, (d->H + d->Hkv) * d->hd);
   }
+  phase(m, "attn_fwd.flash");
   be->attn_fwd(be, a->attn_o, a->lse, q, k, v, &s);
 }
 
@@ -285,6 +286,7 @@ static void attn_forward(Model *m, int l, const void *x, void *mid) {
   Backend *be = m->be;
   const int N = m->B * m->T, D = m->d.D;
   attn_core(m, l, x);
+  phase(m, "attn_fwd.out_proj");
   be->gemm(be, m->g_tmp, m->acts[l].attn_o, W(m, m->lp[l].wo), N, D, m->d.H * m->d.dv, 0, 1, 1, 0, 0);
   be->add(be, mid, x, m->g_tmp, (size_t)N * D);
 }
@@ -299,13 +301,16 @@ static void attn_backward(Model *m, int l, const void *x) {
   AttnShape s = attn_shape(m, lp->window);
   void **g = m->g_big;
   if (m->cfg.recompute_attn) attn_core(m, l, x);
+  phase(m, "attn_bwd.out_proj");
   /* d_o = g_res @ wo; dwo += g_res^T @ attn_o */
   be->gemm(be, g[0], m->g_res, W(m, lp->wo), N, d->H * d->dv, d->D, 0, 0, 1, 0, 0);
   be->gemm(be, G(m, lp->wo), m->g_res, a->attn_o, d->D, d->H * d->dv, N, 1, 0, 1, 1, 0);
   if (d->mla) {
     const int lda = d->kvr + d->dr, hq = d->H * d->dqk;
     void *dq = g[1], *dk = g[2], *dv = g[3];
+    phase(m, "attn_bwd.flash");
     be->attn_bwd(be, dq, dk, dv, g[0], a->q, a->k, a->v, a->attn_o, a->lse, &s);
+    phase(m, "attn_bwd.proj");
     void *dkv = g[0], *dkv_a = g[4]; /* d_o consumed by attn_bwd */
     be->mla_kv_split_bwd(be, dkv, ACT(m, dkv_a, d->kvr), lda, dk, dv, N, d->H, d->dn, d->dr, d->dvh);
     void *d_kvn = g[2]; /* dk consumed */
@@ -334,7 +339,9 @@ static void attn_backward(Model *m, int l, const void *x) {
     void *dqkv = g[1];
     void *dk = ACT(m, dqkv, d->H * d->hd), *dv = ACT(m, dqkv, (d->H + d->Hkv) * d->hd);
     const void *k = ACT(m, a->qkv, d->H * d->hd), *v = ACT(m, a->qkv, (d->H + d->Hkv) * d->hd);
+    phase(m, "attn_bwd.flash");
     be->attn_bwd(be, dqkv, dk, dv, g[0], a->qkv, k, v, a->attn_o, a->lse, &s);
+    phase(m, "attn_bwd.proj");
     const int off = d->hd - d->rope_dim;
     if (d->rope_dim > 0) {
       be->rope(be, dqkv, m->rope_cos, m->rope_sin, N, T, d->H, width, d->hd, off, d->rope_dim, 1);
@@ -359,12 +366,14 @@ static void experts_forward(Model *m, int l) {
   const LayerParams *lp = &m->lp[l];
   LayerActs *a = &m->acts[l];
   const int N = m->B * m->T, M = N * d->K, E = d->E;
+  phase(m, "moe.experts_fwd");
   be->moe_gather(be, a->xe, a->xn2, a->pair_of, N, d->K, d->D);
   be->grouped_gemm(be, GG_FWD, a->gu_e, a->xe, W(m, lp->exp_w13), a->off, m->off_host, E, M,
                    2 * d->Fm, d->D);
   be->swiglu_fwd(be, a->h_e, a->gu_e, M, d->Fm);
   be->grouped_gemm(be, GG_FWD, a->ye, a->h_e, W(m, lp->exp_w2), a->off, m->off_host, E, M, d->D,
                    d->Fm);
+  phase(m, "moe.shared_fwd");
   if (d->Fs > 0) {
     be->gemm(be, a->gu_s, a->xn2, W(m, lp->sh_w1), N, 2 * d->Fs, d->D, 0, 1, 1, 0, 0);
     be->swiglu_fwd(be, a->h_s, a->gu_s, N, d->Fs);
@@ -388,6 +397,7 @@ static void ffn_forward(Model *m, int l, const void *x, void *y) {
   } else {
     const int li = lp->moe_index, E = d->E;
     void *bias = F32AT(m, m->router_bias, (size_t)li * E);
+    phase(m, "moe_fwd.route");
     be->router_fwd(be, a->scores, a->idx, a->w, a->counts, m->cfg.aux_loss_alpha > 0 ? a->imp : NULL,
                    a->xn2, W(m, lp->gate), bias, N, d->D, E, d->K, (float)m->cfg.route_scale);
     be->moe_sort(be, a->off, a->row_of, a->pair_of, a->idx, N, d->K, E);
@@ -397,6 +407,7 @@ static void ffn_forward(Model *m, int l, const void *x, void *y) {
     if (m->cfg.aux_loss_alpha > 0) get_f32_as_double(be, m->imp_host + (size_t)li * E, a->imp, E);
     experts_forward(m, l);
     if (d->Fs > 0) be->gemm(be, out, a->h_s, W(m, lp->sh_w2), N, d->D, d->Fs, 0, 1, 1, 0, 0);
+    phase(m, "moe_fwd.combine");
     be->moe_combine(be, out, a->ye, a->w, a->row_of, N, d->K, d->D, d->Fs > 0);
   }
   be->add(be, y, x, out, (size_t)N * d->D);
@@ -439,6 +450,7 @@ static void ffn_backward(Model *m, int l, const void *x) {
     m->off_host[0] = 0;
     for (int e = 0; e < E; e++) m->off_host[e + 1] = m->off_host[e] + cnt[e];
     if (m->cfg.recompute_experts) experts_forward(m, l);
+    phase(m, "moe_bwd.experts");
     be->moe_combine_bwd(be, g[0], dw, dy, a->ye, a->w, a->row_of, N, d->K, d->D);
     be->grouped_gemm(be, GG_DX, g[1], g[0], W(m, lp->exp_w2), a->off, m->off_host, E, M, d->D, d->Fm);
     be->grouped_gemm(be, GG_DW, G(m, lp->exp_w2), a->h_e, g[0], a->off, m->off_host, E, M, d->D,
@@ -449,6 +461,7 @@ static void ffn_backward(Model *m, int l, const void *x) {
     be->grouped_gemm(be, GG_DW, G(m, lp->exp_w13), a->xe, g[2], a->off, m->off_host, E, M,
                      2 * d->Fm, d->D);
     be->moe_gather_bwd(be, m->g_xn, g[0], a->row_of, N, d->K, d->D, 0);
+    phase(m, "moe_bwd.shared_router");
     if (d->Fs > 0) {
       be->gemm(be, g[1], dy, W(m, lp->sh_w2), N, d->Fs, d->D, 0, 0, 1, 0, 0);
       be->gemm(be, G(m, lp->sh_w2), dy, a->h_s, d->D, d->Fs, N, 1, 0, 1, 1, 0);
