@@ -19,6 +19,7 @@
 #include "core/json.h"
 #include "core/log.h"
 #include "data/loader.h"
+#include "data/tokenizer.h"
 #include "dist/dist.h"
 #include "model/model.h"
 #include "train/ckpt.h"
@@ -134,29 +135,57 @@ static RouterSummary router_stats(const Model *m, Metrics *mx, int64_t step) {
 
 /* ---------------------------------------------------------------- validation */
 
-static void validate(Model *m, const Config *cfg, const DistInfo *di, int64_t step, Metrics *mx) {
+/* UTF-8 bytes of every token id (for bits per byte); NULL when the tokenizer
+ * files are unavailable (then only loss and perplexity are reported). */
+static uint16_t *token_byte_lengths(const Config *cfg) {
+  char err[512];
+  Tokenizer *tok = tok_open(cfg->tokenizer, err, sizeof err);
+  if (!tok) {
+    log_warn("validation: no bits-per-byte (%s)", err);
+    return NULL;
+  }
+  uint16_t *len = xcalloc((size_t)cfg->vocab_size, sizeof *len);
+  int nv = tok_vocab_size(tok);
+  for (uint32_t id = 0; id < (uint32_t)cfg->vocab_size && id < (uint32_t)nv; id++) {
+    size_t n = 0;
+    char *text = tok_decode(tok, &id, 1, &n);
+    len[id] = (uint16_t)(text ? n : 0);
+    free(text);
+  }
+  tok_close(tok);
+  return len;
+}
+
+/* Mean loss over validation_steps batches read from the start of
+ * validation_data_path (the same batches every time), plus bits per byte:
+ * summed loss in bits over the UTF-8 bytes of the scored target tokens. */
+static void validate(Model *m, const Config *cfg, const DistInfo *di, int64_t step, Metrics *mx,
+                     const uint16_t *tok_bytes) {
   char err[512];
   Loader *vl = loader_open(cfg, cfg->validation_data_path, di->rank, di->world, err, sizeof err);
   if (!vl) nmoe_fatal("validation data: %s", err);
   const int B = (int)(cfg->batch_size / di->world), T = (int)cfg->seq_len;
   int32_t *in = xmalloc((size_t)B * T * sizeof(int32_t)), *tg = xmalloc((size_t)B * T * sizeof(int32_t));
-  double loss_sum = 0;
+  double loss_sum = 0, bytes = 0;
   int64_t n = 0;
   for (int64_t i = 0; i < cfg->validation_steps; i++) {
     if (loader_next(vl, in, tg, err, sizeof err)) nmoe_fatal("validation data: %s", err);
     int64_t nv;
     loss_sum += model_eval_loss(m, in, tg, B, T, &nv);
     n += nv;
+    for (int j = 0; tok_bytes && j < B * T; j++)
+      if (!cfg->loss_mask_eos || tg[j] != (int32_t)cfg->eos_token_id) bytes += tok_bytes[tg[j]];
   }
   loader_close(vl);
   free(in);
   free(tg);
   double loss = n > 0 ? loss_sum / n : 0;
-  log_info("validation  step %lld | loss %.4f | ppl %.2f", (long long)step, loss, exp(loss));
-  if (mx) {
-    metrics_log(mx, "validation/loss", step, loss);
-    metrics_log(mx, "validation/ppl", step, exp(loss));
-  }
+  double bpb = bytes > 0 ? loss_sum / (log(2.0) * bytes) : 0;
+  log_info("validation  step %lld | loss %.4f | ppl %.2f | bpb %.4f", (long long)step, loss,
+           exp(loss), bpb);
+  metrics_log(mx, "validation/loss", step, loss);
+  metrics_log(mx, "validation/ppl", step, exp(loss));
+  if (bytes > 0) metrics_log(mx, "validation/bpb", step, bpb);
 }
 
 /* ---------------------------------------------------------------- main loop */
@@ -251,6 +280,8 @@ int train_main(int argc, char **argv) {
                        sizeof err);
   if (!ck) nmoe_fatal("%s", err);
 
+  const int do_validate = cfg.validation_enabled && cfg.validation_data_path[0] && cfg.validation_every > 0;
+  uint16_t *tok_bytes = do_validate ? token_byte_lengths(&cfg) : NULL;
   int32_t *inputs = xmalloc((size_t)B * T * sizeof(int32_t));
   int32_t *targets = xmalloc((size_t)B * T * sizeof(int32_t));
   const double tokens_per_step = (double)cfg.batch_size * cfg.seq_len;
@@ -303,6 +334,8 @@ int train_main(int argc, char **argv) {
       metrics_log(mx, "throughput/loader_wait_ms", s, 1000 * wait_window / steps_in_window);
       metrics_log(mx, "efficiency/tflops", s, tflops);
       metrics_log(mx, "memory/host_max_rss_gib", s, peak_host_gib());
+      if (be->mem_peak) metrics_log(mx, "memory/device_peak_gib", s, be->mem_peak(be) / 1073741824.0);
+      if (!strcmp(be->name, "cuda")) metrics_log(mx, "efficiency/mfu", s, tflops / 989.0);
       char tag[96];
       snprintf(tag, sizeof tag, "throughput/r%d/tokens_per_s", di.rank);
       metrics_log(mx, tag, s, tps);
@@ -325,9 +358,8 @@ int train_main(int argc, char **argv) {
       wait_window = 0;
       steps_in_window = 0;
     }
-    if (cfg.validation_enabled && cfg.validation_data_path[0] && cfg.validation_every > 0 &&
-        (s % cfg.validation_every == 0 || s == cfg.steps))
-      validate(m, &cfg, &di, s, rec.metrics);
+    if (do_validate && (s % cfg.validation_every == 0 || s == cfg.steps))
+      validate(m, &cfg, &di, s, rec.metrics, tok_bytes);
     if ((cfg.checkpoint_every > 0 && s % cfg.checkpoint_every == 0) || last) {
       CkptSnapshot *snap = train_state_snapshot(m, loader, &cfg, &di, &prog, git_hash);
       if (ckpt_save_async(ck, snap, err, sizeof err)) nmoe_fatal("checkpoint: %s", err);
@@ -361,6 +393,7 @@ int train_main(int argc, char **argv) {
   free(rec.run_id);
   free(inputs);
   free(targets);
+  free(tok_bytes);
   loader_close(loader);
   model_free(m);
   be->destroy(be);

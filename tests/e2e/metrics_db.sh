@@ -5,12 +5,17 @@
 source "$(dirname "$0")/lib/train_env.sh"
 make_tokens "$T/data" 2 20000 7
 write_config "$T/c.toml" "$T/data"
-NMOE_RUN=done "$NMOE" train "$T/c.toml" --steps=12 --log_every=3 >"$T/a.log" 2>&1 || { cat "$T/a.log"; die "run failed"; }
+NMOE_RUN=done "$NMOE" train "$T/c.toml" --steps=12 --log_every=3 --validation_enabled=true \
+  --validation_data_path="$T/data" --validation_every=6 --validation_steps=2 >"$T/a.log" 2>&1 || { cat "$T/a.log"; die "run failed"; }
 steps=$(sqlite3 "$T/metrics/done/rank_0.sqlite" "select group_concat(step) from (select step from metrics where tag='train/loss' order by step)")
 [ "$steps" = "1,3,6,9,12" ] || die "logged steps are '$steps'"
 for tag in optimizer/lr throughput/tokens_per_s_gpu efficiency/tflops router_agg/mean_cv router/layer_01/cv; do
   n=$(sqlite3 "$T/metrics/done/rank_0.sqlite" "select count(*) from metrics where tag='$tag'")
   [ "$n" -eq 5 ] || die "tag $tag has $n rows"
+done
+for tag in validation/loss validation/bpb; do
+  n=$(sqlite3 "$T/metrics/done/rank_0.sqlite" "select count(*) from metrics where tag='$tag'")
+  [ "$n" -eq 2 ] || die "tag $tag has $n rows (validation at steps 6 and 12)"
 done
 [ "$(sqlite3 "$T/experiments.db" "select status from runs where id='done'")" = completed ] || die "run not completed"
 sqlite3 "$T/experiments.db" "select results_json from runs where id='done'" | grep -q final_loss || die "no results_json"
