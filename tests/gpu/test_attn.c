@@ -8,15 +8,22 @@
  * gradient buffers must come back unchanged, and a second run must give
  * bit-identical bytes. Exit status 0 only when every check passes.
  *
+ * The shapes cover each path of attention.cu: the tuned exact instances
+ * (64/64, 128/128, 192/128), padded tensor-core tiles for other multiples of
+ * 8 (24/16 as in configs/tiny.toml, 32/32, 16/16, 200/136, 256/256), and the
+ * scalar fallback (12/8, 272/40, and multiple-of-8 widths whose packed row
+ * strides are not 16-byte aligned).
+ *
  * Tolerances: outputs are bf16 (relative rounding 2^-9 ~ 2e-3 per element)
  * and P, dS enter the second products as bf16, so the relative Frobenius
  * error lands at a few 1e-3; 1e-2 is the bound for bf16 operands with fp32
  * accumulation. lse is computed and stored in fp32 from the same inputs:
  * absolute error within 1e-3.
  *
- * `test_attn --bench` times the MLA shape B=2 H=16 T=4096 (192/128) and MHA
- * B=16 H=12 T=2048 d=64 with CUDA events (median of 20 after warm-up) and
- * prints one JSON line per shape. */
+ * `test_attn --bench` times the MLA shape B=2 H=16 T=4096 (192/128), MHA
+ * B=16 H=12 T=2048 d=64 and the small MLA heads 24/16 (B=8 H=16 T=2048,
+ * padded tiles) with CUDA events (median of 20 after warm-up) and prints one
+ * JSON line per shape. */
 #include <cuda_runtime.h>
 #include <math.h>
 #include <stdint.h>
@@ -213,6 +220,7 @@ typedef struct {
   const char *name;
   int B, T, Hq, Hkv, dqk, dv, window;
   int packed; /* q with extra columns; k and v inside one kv buffer */
+  int skew;   /* packed: one more column per row, so rows are not 16-byte aligned */
 } Case;
 
 static void run_case(Backend *be, const Case *c) {
@@ -221,8 +229,8 @@ static void run_case(Backend *be, const Case *c) {
   const size_t N = (size_t)c->B * c->T;
   int voff = 0; /* column offset of v in the packed kv buffer */
   if (c->packed) {
-    s.ldq = c->Hq * c->dqk + 64;
-    s.ldk = s.ldv = c->Hkv * (c->dqk + c->dv) + 32;
+    s.ldq = c->Hq * c->dqk + 64 + c->skew;
+    s.ldk = s.ldv = c->Hkv * (c->dqk + c->dv) + 32 + c->skew;
     voff = c->Hkv * c->dqk;
   } else {
     s.ldq = c->Hq * c->dqk;
@@ -243,8 +251,9 @@ static void run_case(Backend *be, const Case *c) {
                                : dv_in;
   const float *hvv = c->packed ? hk + voff : hv;
 
-  printf("%s: B=%d T=%d Hq=%d Hkv=%d dqk=%d dv=%d window=%d%s\n", c->name, c->B, c->T, c->Hq,
-         c->Hkv, c->dqk, c->dv, c->window, c->packed ? " packed" : "");
+  printf("%s: B=%d T=%d Hq=%d Hkv=%d dqk=%d dv=%d window=%d%s%s\n", c->name, c->B, c->T, c->Hq,
+         c->Hkv, c->dqk, c->dv, c->window, c->packed ? " packed" : "",
+         c->skew ? " unaligned" : "");
   double *ro = xcalloc(no, 8), *rl = xcalloc(nl, 8), *rdq = xcalloc(nq, 8);
   double *rdk = xcalloc(nk, 8), *rdv = c->packed ? rdk + voff : xcalloc(N * s.ldv, 8);
   /* Packed: dk and dv share one gradient buffer, like k and v. */
@@ -396,17 +405,31 @@ int main(int argc, char **argv) {
   if (argc > 1 && !strcmp(argv[1], "--bench")) {
     bench(be, "mla", 2, 4096, 16, 192, 128);
     bench(be, "mha", 16, 2048, 12, 64, 64);
+    bench(be, "mla-small", 8, 2048, 16, 24, 16);
     be->destroy(be);
     return 0;
   }
   static const Case cases[] = {
-      {"mha d64", 2, 256, 4, 4, 64, 64, 0, 0},
-      {"gqa d128", 2, 256, 8, 2, 128, 128, 0, 0},
-      {"mla 192/128 packed", 2, 256, 4, 4, 192, 128, 0, 1},
-      {"mha d64 window64", 2, 256, 4, 4, 64, 64, 64, 0},
-      {"gqa d128 window50 T200", 2, 200, 8, 2, 128, 128, 50, 0},
-      {"mla packed T200", 2, 200, 4, 4, 192, 128, 0, 1},
-      {"mla packed window64 T200", 1, 200, 2, 2, 192, 128, 64, 1},
+      {"mha d64", 2, 256, 4, 4, 64, 64, 0, 0, 0},
+      {"gqa d128", 2, 256, 8, 2, 128, 128, 0, 0, 0},
+      {"mla 192/128 packed", 2, 256, 4, 4, 192, 128, 0, 1, 0},
+      {"mha d64 window64", 2, 256, 4, 4, 64, 64, 64, 0, 0},
+      {"gqa d128 window50 T200", 2, 200, 8, 2, 128, 128, 50, 0, 0},
+      {"mla packed T200", 2, 200, 4, 4, 192, 128, 0, 1, 0},
+      {"mla packed window64 T200", 1, 200, 2, 2, 192, 128, 64, 1, 0},
+      /* padded tensor-core tiles */
+      {"mla 24/16 packed", 8, 64, 4, 4, 24, 16, 0, 1, 0},
+      {"mha d32", 2, 256, 4, 4, 32, 32, 0, 0, 0},
+      {"gqa d16 T200", 2, 200, 8, 2, 16, 16, 0, 0, 0},
+      {"24/16 packed window20 T130", 2, 130, 4, 4, 24, 16, 20, 1, 0},
+      {"gqa 200/136 T150", 1, 150, 4, 2, 200, 136, 0, 0, 0},
+      {"d256 window100 T160", 1, 160, 2, 2, 256, 256, 100, 0, 0},
+      /* scalar fallback */
+      {"12/8 gqa packed T100", 2, 100, 4, 2, 12, 8, 0, 1, 0},
+      {"12/8 window16 T100", 2, 100, 4, 4, 12, 8, 16, 0, 0},
+      {"272/40 gqa T64", 1, 64, 2, 1, 272, 40, 0, 0, 0},
+      {"d64 unaligned T96", 1, 96, 2, 2, 64, 64, 0, 1, 1},
+      {"24/16 unaligned window8 T70", 2, 70, 4, 2, 24, 16, 8, 1, 1},
   };
   for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) run_case(be, &cases[i]);
   be->destroy(be);
