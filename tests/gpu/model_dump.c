@@ -14,6 +14,8 @@
  *                                       read through be->get: bf16-exact on CUDA)
  *   bias.<layer>.npy  float32 [E]       router bias of MoE layer <layer>
  *   counts.<layer>.npy int32 [E]        assignments per expert in that layer
+ *   route.<layer>.npy int32 [B*T, K]    the experts each token chose (descending
+ *                                       biased score), captured from router_fwd
  *   inputs.npy targets.npy  int32 [B, T]
  *   meta.json  loss (mean CE over kept targets), n_valid, aux_loss, backend,
  *              B, T, router_bias_scale, moe_layers, config (config_to_json)
@@ -32,6 +34,27 @@
 #include "model/model.h"
 
 enum { STREAM_BATCH = 0xBA7C, STREAM_BIAS = 0xB1A5 };
+
+/* Our routing: be->router_fwd is wrapped so that each MoE layer's chosen
+ * experts (I32 [N, K]) are copied to the host as the forward runs, in layer
+ * order. The oracle runs bf16 dumps on exactly these choices, so a token near a
+ * top-k tie cannot make the comparison of the continuous math fail. */
+static struct {
+  void (*inner)(Backend *, void *, int32_t *, void *, int32_t *, void *, const void *,
+                const void *, const void *, int, int, int, int, float);
+  int32_t **idx; /* [cap] host [N, K] */
+  int n, cap;
+} g_route;
+
+static void router_fwd_capture(Backend *be, void *scores, int32_t *idx, void *w, int32_t *counts,
+                               void *imp, const void *x, const void *wg, const void *bias, int N,
+                               int D, int E, int K, float route_scale) {
+  g_route.inner(be, scores, idx, w, counts, imp, x, wg, bias, N, D, E, K, route_scale);
+  if (g_route.n == g_route.cap) nmoe_fatal("model_dump: more router calls than MoE layers");
+  int32_t *h = xmalloc((size_t)N * K * sizeof *h);
+  be->download(be, h, idx, (size_t)N * K * sizeof *h);
+  g_route.idx[g_route.n++] = h;
+}
 
 static void usage(void) {
   fprintf(stderr,
@@ -117,12 +140,18 @@ int main(int argc, char **argv) {
 
   int32_t *inputs = xmalloc(N * sizeof(int32_t)), *targets = xmalloc(N * sizeof(int32_t));
   make_batch(&cfg, inputs, targets, N);
+  g_route.cap = m->n_moe;
+  g_route.idx = xcalloc((size_t)(m->n_moe > 0 ? m->n_moe : 1), sizeof *g_route.idx);
+  g_route.inner = be->router_fwd;
+  be->router_fwd = router_fwd_capture;
   double loss = model_train_step_grads(m, inputs, targets, B, T, 0);
+  if (g_route.n != m->n_moe)
+    nmoe_fatal("model_dump: %d router calls for %d MoE layers", g_route.n, m->n_moe);
   be->sync(be);
 
   write_table(m, m->params, "param", out);
   write_table(m, m->grads, "grad", out);
-  int64_t bt[2] = {B, T}, e1[1] = {E};
+  int64_t bt[2] = {B, T}, e1[1] = {E}, nk[2] = {(int64_t)N, m->d.K};
   write_npy(out, "inputs", "<i4", bt, 2, inputs);
   write_npy(out, "targets", "<i4", bt, 2, targets);
   JsonW w;
@@ -145,6 +174,9 @@ int main(int argc, char **argv) {
     write_npy(out, name, "<f4", e1, 1, m->router_bias_host + (size_t)li * E);
     snprintf(name, sizeof name, "counts.%d", l);
     write_npy(out, name, "<i4", e1, 1, m->counts_host + (size_t)li * E);
+    snprintf(name, sizeof name, "route.%d", l);
+    write_npy(out, name, "<i4", nk, 2, g_route.idx[li]);
+    free(g_route.idx[li]);
   }
   jw_arr_end(&w);
   char *cj = config_to_json(&cfg);
@@ -159,6 +191,7 @@ int main(int argc, char **argv) {
   printf("model_dump: %s backend, %d x %d tokens, loss %.6f (n_valid %lld, aux %.6g), %d tensors -> %s\n",
          be->name, B, T, loss, (long long)m->last_n_valid, m->last_aux_loss, m->pt.n, out);
 
+  free(g_route.idx);
   free(inputs);
   free(targets);
   model_free(m);
