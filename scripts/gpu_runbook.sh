@@ -4,8 +4,10 @@
 #   ops     op-by-op CUDA vs CPU checks (tests/gpu)
 #   oracle  whole-model loss/grad dumps (CPU fp32, CUDA bf16) vs the PyTorch oracle
 #   curve   tiny.toml on the Brown sample: 200 steps CUDA vs CPU loss curves
-#   bench   nmoe bench train for speedrun super/moe and moonlet-shaped bf16
+#   bench   expert GEMM benchmark; nmoe bench train for speedrun super/moe and a
+#           6-layer moonlet (fits an 80 GB card)
 #   torch   PyTorch eager/compile baselines for the same shapes
+#   moonlet the whole moonlet at batch 8 (needs an H200: 139 GB)
 # Logs go to $OUT/<name>.log; a summary is printed last.
 set -u
 OUT=${OUT:-/tmp/nmoe_out}
@@ -33,12 +35,7 @@ for s in $sections; do
     step test_attn 120 $B/gpu/test_attn
     ;;
   oracle)
-    step dump_cpu 120 $B/gpu/model_dump configs/tiny.toml "$OUT/d_cpu" --device cpu
-    step dump_cuda 60 $B/gpu/model_dump configs/tiny.toml "$OUT/d_cuda" --device cuda
-    step oracle_cpu 120 python3 tests/torch_ref/nmoe_ref.py "$OUT/d_cpu"
-    step oracle_cuda 120 python3 tests/torch_ref/nmoe_ref.py "$OUT/d_cuda"
-    step cuda_vs_cpu 120 python3 tests/torch_ref/nmoe_ref.py --compare "$OUT/d_cuda" "$OUT/d_cpu"
-    rm -rf "$OUT/d_cpu" "$OUT/d_cuda"
+    step oracle 300 bash tests/torch_ref/run_oracle.sh $B/gpu/model_dump /tmp/nmoe_oracle
     ;;
   curve)
     common="--steps=200 --log_every=10 --checkpoint_every=0 --resume=false --metrics_dir=$OUT/m --experiments_db=$OUT/e.db"
@@ -65,10 +62,19 @@ sys.exit(0 if worst < 0.15 and cuda == cuda2 else 1)
 PY
     ;;
   bench)
+    step bench_gemm 120 $B/gpu/bench_gemm
     step bench_super 150 $B/nmoe bench train configs/speedrun/super.toml --steps 10 --warmup 3 --device=cuda
+    step bench_super_sr 150 $B/nmoe bench train configs/speedrun/super.toml --steps 10 --warmup 3 --device=cuda \
+      --master_weights=stochastic
     step bench_moe 150 $B/nmoe bench train configs/speedrun/moe.toml --steps 10 --warmup 3 --device=cuda
-    step bench_moonlet 200 $B/nmoe bench train configs/moonlet.toml --steps 5 --warmup 2 --device=cuda \
-      --batch_size=2 --master_weights=stochastic
+    # moonlet shape with 6 of its 12 layers: the whole model does not fit an 80 GB card
+    step bench_moonlet6 200 $B/nmoe bench train configs/moonlet.toml --steps 5 --warmup 2 --device=cuda \
+      --n_layers=6 --batch_size=2 --master_weights=stochastic
+    ;;
+  moonlet)
+    # the whole moonlet (7.4B params) at batch 8 x 4096 on one H200: no fp32 master, recompute
+    step bench_moonlet 400 $B/nmoe bench train configs/moonlet.toml --steps 4 --warmup 2 --device=cuda \
+      --batch_size=8 --master_weights=stochastic --recompute_attn=true --recompute_experts=true
     ;;
   torch)
     step torch_bench 420 python3 tests/torch_ref/bench_torch.py --configs super,moe,moonlet --modes eager,compile \
