@@ -82,4 +82,6 @@ PY
     ;;
   esac
 done
+# One archive of every log (the device tool returns at most 8 files).
+tar -czf "$OUT/logs.tgz" -C "$OUT" --exclude=logs.tgz --exclude='*.sqlite*' --exclude='e.db*' . 2>/dev/null
 echo "=== summary"; cat "$SUMMARY"
