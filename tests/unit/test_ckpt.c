@@ -31,34 +31,13 @@
 #include "core/log.h"
 #include "train/ckpt.h"
 
-typedef struct Fixture {
-  char dir[64];
-} Fixture;
+#include "tmpdir_fixture.h"
 
-static int setup(void **state) {
-  Fixture *f = xcalloc(1, sizeof *f);
-  strcpy(f->dir, "/tmp/nmoe_ckpt_XXXXXX");
-  if (!mkdtemp(f->dir)) return -1;
-  *state = f;
-  return 0;
-}
-
+/* Also clears the saver's test knobs a test may have set. */
 static int teardown(void **state) {
-  Fixture *f = *state;
-  fs_remove_tree(f->dir);
   unsetenv("NMOE_TEST_CKPT_SLOW_MS");
   unsetenv("NMOE_CKPT_FINALIZE_TIMEOUT_S");
-  free(f);
-  return 0;
-}
-
-/* dir + "/" + rel (rotating static buffers). */
-static const char *at(const char *dir, const char *rel) {
-  static char buf[4][512];
-  static int k;
-  k = (k + 1) % 4;
-  snprintf(buf[k], sizeof buf[k], "%s/%s", dir, rel);
-  return buf[k];
+  return tmpdir_teardown(state);
 }
 
 static const char *iter_file(const char *dir, int64_t step, const char *name) {
@@ -468,16 +447,16 @@ static void test_crash_safety(void **state) {
 
 int main(void) {
   const struct CMUnitTest tests[] = {
-      cmocka_unit_test_setup_teardown(test_round_trip_manifest_tracker, setup, teardown),
-      cmocka_unit_test_setup_teardown(test_two_ranks, setup, teardown),
-      cmocka_unit_test_setup_teardown(test_full_queue_blocks_never_drops, setup, teardown),
-      cmocka_unit_test_setup_teardown(test_purge_keeps_newest, setup, teardown),
-      cmocka_unit_test_setup_teardown(test_corruption_detected, setup, teardown),
-      cmocka_unit_test_setup_teardown(test_latest_fallbacks, setup, teardown),
-      cmocka_unit_test_setup_teardown(test_saver_errors_are_sticky, setup, teardown),
-      cmocka_unit_test_setup_teardown(test_finalise_timeout, setup, teardown),
-      cmocka_unit_test_setup_teardown(test_cli, setup, teardown),
-      cmocka_unit_test_setup_teardown(test_crash_safety, setup, teardown),
+      cmocka_unit_test_setup_teardown(test_round_trip_manifest_tracker, tmpdir_setup, teardown),
+      cmocka_unit_test_setup_teardown(test_two_ranks, tmpdir_setup, teardown),
+      cmocka_unit_test_setup_teardown(test_full_queue_blocks_never_drops, tmpdir_setup, teardown),
+      cmocka_unit_test_setup_teardown(test_purge_keeps_newest, tmpdir_setup, teardown),
+      cmocka_unit_test_setup_teardown(test_corruption_detected, tmpdir_setup, teardown),
+      cmocka_unit_test_setup_teardown(test_latest_fallbacks, tmpdir_setup, teardown),
+      cmocka_unit_test_setup_teardown(test_saver_errors_are_sticky, tmpdir_setup, teardown),
+      cmocka_unit_test_setup_teardown(test_finalise_timeout, tmpdir_setup, teardown),
+      cmocka_unit_test_setup_teardown(test_cli, tmpdir_setup, teardown),
+      cmocka_unit_test_setup_teardown(test_crash_safety, tmpdir_setup, teardown),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -24,32 +24,7 @@
 #include "core/log.h"
 #include "train/metrics.h"
 
-typedef struct Fixture {
-  char dir[64];
-} Fixture;
-
-static int setup(void **state) {
-  Fixture *f = xcalloc(1, sizeof *f);
-  strcpy(f->dir, "/tmp/nmoe_metrics_XXXXXX");
-  if (!mkdtemp(f->dir)) return -1;
-  *state = f;
-  return 0;
-}
-
-static int teardown(void **state) {
-  Fixture *f = *state;
-  fs_remove_tree(f->dir);
-  free(f);
-  return 0;
-}
-
-static const char *at(const char *dir, const char *rel) {
-  static char buf[4][512];
-  static int k;
-  k = (k + 1) % 4;
-  snprintf(buf[k], sizeof buf[k], "%s/%s", dir, rel);
-  return buf[k];
-}
+#include "tmpdir_fixture.h"
 
 /* First column of the first row of sql on path as text ("" when NULL, "<none>"
  * when there is no row); a separate connection, as an outside reader. */
@@ -298,12 +273,12 @@ static void test_run_id_and_git(void **state) {
 
 int main(void) {
   const struct CMUnitTest tests[] = {
-      cmocka_unit_test_setup_teardown(test_experiments_rows_and_statuses, setup, teardown),
-      cmocka_unit_test_setup_teardown(test_metrics_flush_and_replace, setup, teardown),
-      cmocka_unit_test_setup_teardown(test_sqlite3_cli_reads, setup, teardown),
-      cmocka_unit_test_setup_teardown(test_killed_run, setup, teardown),
-      cmocka_unit_test_setup_teardown(test_errors_are_clear, setup, teardown),
-      cmocka_unit_test_setup_teardown(test_run_id_and_git, setup, teardown),
+      cmocka_unit_test_setup_teardown(test_experiments_rows_and_statuses, tmpdir_setup, tmpdir_teardown),
+      cmocka_unit_test_setup_teardown(test_metrics_flush_and_replace, tmpdir_setup, tmpdir_teardown),
+      cmocka_unit_test_setup_teardown(test_sqlite3_cli_reads, tmpdir_setup, tmpdir_teardown),
+      cmocka_unit_test_setup_teardown(test_killed_run, tmpdir_setup, tmpdir_teardown),
+      cmocka_unit_test_setup_teardown(test_errors_are_clear, tmpdir_setup, tmpdir_teardown),
+      cmocka_unit_test_setup_teardown(test_run_id_and_git, tmpdir_setup, tmpdir_teardown),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

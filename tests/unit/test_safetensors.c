@@ -24,32 +24,7 @@
 #include "core/log.h"
 #include "train/safetensors.h"
 
-typedef struct Fixture {
-  char dir[64];
-} Fixture;
-
-static int setup(void **state) {
-  Fixture *f = xcalloc(1, sizeof *f);
-  strcpy(f->dir, "/tmp/nmoe_st_XXXXXX");
-  if (!mkdtemp(f->dir)) return -1;
-  *state = f;
-  return 0;
-}
-
-static int teardown(void **state) {
-  Fixture *f = *state;
-  fs_remove_tree(f->dir);
-  free(f);
-  return 0;
-}
-
-static const char *at(const Fixture *f, const char *rel) {
-  static char buf[4][512];
-  static int k;
-  k = (k + 1) % 4;
-  snprintf(buf[k], sizeof buf[k], "%s/%s", f->dir, rel);
-  return buf[k];
-}
+#include "tmpdir_fixture.h"
 
 /* The sample tensors: every width, a scalar, an empty tensor. */
 static float f32[6] = {1.5f, -2.25f, 3.0f, 1e-30f, -0.0f, 65504.0f};
@@ -83,7 +58,7 @@ static void write_sample(const char *path) {
 
 static void test_round_trip(void **state) {
   Fixture *f = *state;
-  const char *p = at(f, "a.safetensors");
+  const char *p = at(f->dir, "a.safetensors");
   write_sample(p);
   char err[512];
   StFile *s = st_open(p, err, sizeof err);
@@ -119,8 +94,8 @@ static void test_round_trip(void **state) {
 static void test_zero_tensors(void **state) {
   Fixture *f = *state;
   char err[512];
-  assert_int_equal(st_write(at(f, "z.safetensors"), NULL, 0, NULL, 0, NULL, err, sizeof err), 0);
-  StFile *s = st_open(at(f, "z.safetensors"), err, sizeof err);
+  assert_int_equal(st_write(at(f->dir, "z.safetensors"), NULL, 0, NULL, 0, NULL, err, sizeof err), 0);
+  StFile *s = st_open(at(f->dir, "z.safetensors"), err, sizeof err);
   if (!s) fail_msg("%s", err);
   assert_int_equal(s->n, 0);
   st_close(s);
@@ -178,7 +153,7 @@ static void expected_value(const StTensor *t, int i, char *out, size_t n) {
 static void test_numpy_reader_agrees(void **state) {
   Fixture *f = *state;
   if (access("/usr/bin/python3", X_OK)) skip();
-  const char *p = at(f, "np.safetensors"), *py = at(f, "reader.py");
+  const char *p = at(f->dir, "np.safetensors"), *py = at(f->dir, "reader.py");
   write_sample(p);
   char err[512];
   assert_int_equal(fs_write_atomic(py, PY_READER, strlen(PY_READER), err, sizeof err), 0);
@@ -272,25 +247,25 @@ static void test_malformed_rejected(void **state) {
   for (size_t i = 0; i < sizeof CASES / sizeof CASES[0]; i++) {
     char name[32];
     snprintf(name, sizeof name, "bad%zu.safetensors", i);
-    const char *p = at(f, name);
+    const char *p = at(f->dir, name);
     craft(p, CASES[i].header, CASES[i].ndata);
     expect_open_error(p, CASES[i].what);
   }
   /* Too short for the length field; a length past the end of the file. */
-  const char *p = at(f, "short.safetensors");
+  const char *p = at(f->dir, "short.safetensors");
   assert_int_equal(fs_write_atomic(p, "abc", 3, (char[256]){0}, 256), 0);
   expect_open_error(p, "shorter than the 8-byte header length");
   uint8_t big[16] = {0xff, 0xff, 0, 0, 0, 0, 0, 0, '{', '}'};
-  p = at(f, "long.safetensors");
+  p = at(f->dir, "long.safetensors");
   assert_int_equal(fs_write_atomic(p, big, sizeof big, (char[256]){0}, 256), 0);
   expect_open_error(p, "exceeds the file size");
-  expect_open_error(at(f, "absent.safetensors"), "cannot open");
+  expect_open_error(at(f->dir, "absent.safetensors"), "cannot open");
 }
 
 static void test_writer_refuses(void **state) {
   Fixture *f = *state;
   char err[512];
-  const char *p = at(f, "w.safetensors");
+  const char *p = at(f->dir, "w.safetensors");
   StTensor t = {"x", "F32", 2, S_F32, f32, sizeof f32 - 4};
   assert_int_equal(st_write(p, &t, 1, NULL, 0, NULL, err, sizeof err), -1);
   assert_non_null(strstr(err, "do not match dtype F32"));
@@ -309,11 +284,11 @@ static void test_writer_refuses(void **state) {
 
 int main(void) {
   const struct CMUnitTest tests[] = {
-      cmocka_unit_test_setup_teardown(test_round_trip, setup, teardown),
-      cmocka_unit_test_setup_teardown(test_zero_tensors, setup, teardown),
-      cmocka_unit_test_setup_teardown(test_numpy_reader_agrees, setup, teardown),
-      cmocka_unit_test_setup_teardown(test_malformed_rejected, setup, teardown),
-      cmocka_unit_test_setup_teardown(test_writer_refuses, setup, teardown),
+      cmocka_unit_test_setup_teardown(test_round_trip, tmpdir_setup, tmpdir_teardown),
+      cmocka_unit_test_setup_teardown(test_zero_tensors, tmpdir_setup, tmpdir_teardown),
+      cmocka_unit_test_setup_teardown(test_numpy_reader_agrees, tmpdir_setup, tmpdir_teardown),
+      cmocka_unit_test_setup_teardown(test_malformed_rejected, tmpdir_setup, tmpdir_teardown),
+      cmocka_unit_test_setup_teardown(test_writer_refuses, tmpdir_setup, tmpdir_teardown),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
