@@ -21,7 +21,7 @@ tokens per layer give 6-7% on the expert tensors of a 512-token batch, 2.5% on
 the router gate). So a CUDA dump is checked on its own routing (route.<layer>.npy,
 --routing ours): every expert it chose must be within 1e-2 (biased score) of
 the reference's top-k, and the math is then compared on the same choices.
---compare checks expert tensors over the experts no rerouted token touched.
+--compare checks expert tensors and router gate rows over the experts no rerouted token touched.
 
 Bounds. A CPU dump is fp32 throughout: rounding 2^-24 per operation, so 1e-4
 leaves two orders of magnitude for accumulation over a few layers. A CUDA dump
@@ -600,8 +600,10 @@ def run_oracle(path, device, routing):
 def run_compare(pa, pb):
     """Two dumps of ours (e.g. CUDA against CPU). Tokens routed differently
     (near-ties) change the gradient of the experts they touch by a whole row,
-    so expert tensors are checked over the experts no rerouted token touched
-    (the full-tensor figure is printed too)."""
+    so expert tensors and router gate rows are checked over the experts no
+    rerouted token touched (the full-tensor figure is printed too). Each dump
+    is also checked against the float64 reference on its own routing, which is
+    the strict check."""
     ma, mb = load_dump(pa), load_dump(pb)
     b = bounds_for(ma, mb)
     chk = Checker()
@@ -635,7 +637,8 @@ def run_compare(pa, pb):
             continue
         bound = grad_bound(f, b) if f.startswith("grad.") else b[1]
         a, r = npy(pa, f), npy(pb, f)
-        m = re.match(r"grad\.layers\.(\d+)\.ffn\.experts\.", f)
+        # Expert tensors and the router gate both have one row per expert.
+        m = re.match(r"grad\.layers\.(\d+)\.ffn\.(experts\.|router\.gate\.)", f)
         hit = touched.get(int(m.group(1)), []) if m else []
         if hit:
             keep = np.ones(a.shape[0], bool)
