@@ -75,10 +75,12 @@ PY
     # the whole moonlet (7.4B params) at batch 8 x 4096 on one H200: no fp32 master, recompute
     step bench_moonlet 400 $B/nmoe bench train configs/moonlet.toml --steps 4 --warmup 2 --device=cuda \
       --batch_size=8 --master_weights=stochastic --recompute_attn=true --recompute_experts=true
+    step torch_moonlet 400 python3 tests/torch_ref/bench_torch.py --configs moonlet --modes eager,compile \
+      --steps 6 --warmup 2 --time-budget-s 360
     ;;
   torch)
-    step torch_bench 420 python3 tests/torch_ref/bench_torch.py --configs super,moe,moonlet --modes eager,compile \
-      --steps 10 --warmup 3 --time-budget-s 380
+    step torch_bench 420 python3 tests/torch_ref/bench_torch.py --configs super,moe,moonlet6 \
+      --modes eager,compile --steps 10 --warmup 3 --time-budget-s 380
     ;;
   esac
 done

@@ -43,6 +43,8 @@ CONFIGS = {
     "moe": ("configs/speedrun/moe.toml", {}),
     "dense": ("configs/speedrun/dense.toml", {}),
     "moonlet": ("configs/moonlet.toml", {"seq_len": 4096, "batch_size": 4}),
+    # moonlet's shape with 6 of its 12 layers: what fits an 80 GB card for both stacks
+    "moonlet6": ("configs/moonlet.toml", {"seq_len": 4096, "batch_size": 2, "n_layers": 6}),
     "tiny": ("configs/tiny.toml", {}),
 }
 
