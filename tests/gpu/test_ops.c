@@ -582,7 +582,7 @@ int main(int argc, char **argv) {
   test_adamw(&g, 0, 0);
   test_adamw(&g, 0, 12345);
   test_xent(&g, 300, 64, 1000);
-  test_xent(&g, 700, 32, 201088); /* two chunks of the 512 MiB logits buffer */
+  test_xent(&g, 2800, 32, 201088); /* two chunks of the 2 GiB logits buffer (2669 rows each) */
   test_rmsnorm(&g);
   test_rope(&g, 64, 0, 64);
   test_rope(&g, 192, 128, 64);
