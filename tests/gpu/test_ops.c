@@ -60,34 +60,51 @@ static void op_grouped(GCtx *g, Backend *be, int side, void *arg) {
                    c->N, c->K);
 }
 
-static void test_grouped(GCtx *g, int mode) {
-  enum { E = 8 };
-  int N = 96, K = 64;
-  int32_t off[E + 1] = {0};
-  for (int e = 0; e < E; e++) /* experts 2 and 5 get no rows */
-    off[e + 1] = off[e] + (e == 2 || e == 5 ? 0 : 1 + gc_int(g, 70));
+/* One grouped_gemm check. rows: E row counts, or NULL for random 1..70 with
+ * experts 2 and 5 empty. N, K multiples of 8 run the tensor-core kernels
+ * (partial tiles where they are not multiples of 128/256), others cuBLAS. */
+static void test_grouped(GCtx *g, int mode, int E, const int *rows, int N, int K) {
+  int32_t *off = xcalloc((size_t)E + 1, sizeof(int32_t));
+  for (int e = 0; e < E; e++)
+    off[e + 1] = off[e] + (rows ? rows[e] : e == 2 || e == 5 ? 0 : 1 + gc_int(g, 70));
   int M = off[E];
   GroupedCase c = {NULL, NULL, NULL, gb_in_i32(g, E + 1, off), off, mode, E, M, N, K};
-  const char *name;
+  const char *mname;
   if (mode == GG_FWD) {
     c.a = gb_randn(g, BUF_ACT, (size_t)M * K, 1);
     c.b = gb_randn(g, BUF_ACT, (size_t)E * K * N, 1);
     c.out = gb_out(g, BUF_ACT, (size_t)M * N);
-    name = "grouped_gemm FWD";
+    mname = "FWD";
   } else if (mode == GG_DX) {
     c.a = gb_randn(g, BUF_ACT, (size_t)M * N, 1);
     c.b = gb_randn(g, BUF_ACT, (size_t)E * K * N, 1);
     c.out = gb_out(g, BUF_ACT, (size_t)M * K);
-    name = "grouped_gemm DX";
+    mname = "DX";
   } else {
     c.a = gb_randn(g, BUF_ACT, (size_t)M * K, 1);
     c.b = gb_randn(g, BUF_ACT, (size_t)M * N, 1);
     c.out = gb_acc_randn(g, BUF_ACT, (size_t)E * K * N, 4); /* empty experts must stay */
-    name = "grouped_gemm DW";
+    mname = "DW";
   }
+  char name[96];
+  snprintf(name, sizeof name, "grouped_gemm %s E%d M%d N%d K%d", mname, E, M, N, K);
   GOut o = {c.out, "out", B_OUT, NULL, NULL};
   gc_run(g, name, op_grouped, &c, &o, 1, -1);
   gc_clear(g);
+  free(off);
+}
+
+static void test_grouped_all(GCtx *g) {
+  /* ragged experts (1, 7, 129, 300, 257 rows) and empty ones */
+  static const int r1[8] = {1, 7, 0, 129, 300, 0, 64, 257};
+  static const int r2[5] = {300, 0, 129, 7, 1};
+  static const int r3[4] = {5, 0, 17, 9};
+  for (int mode = 0; mode < 3; mode++) {
+    test_grouped(g, mode, 8, NULL, 96, 64);
+    test_grouped(g, mode, 8, r1, 256, 136); /* 256-wide N tiles; K slices of 64, 64, 8 */
+    test_grouped(g, mode, 5, r2, 136, 256); /* 256-wide DX tiles; partial 128-wide N tiles */
+    test_grouped(g, mode, 4, r3, 36, 20);   /* not multiples of 8: cuBLAS path */
+  }
 }
 
 typedef struct AddCase { GBuf *y, *a, *b; size_t n; } AddCase;
@@ -572,7 +589,7 @@ int main(int argc, char **argv) {
   test_gemm(&g, 96, 136, 200, 0, 1, 0, 1);
   test_gemm(&g, 64, 72, 520, 1, 0, 1, 1);
   test_gemm(&g, 37, 24, 40, 0, 0, 1, 0);
-  for (int mode = 0; mode < 3; mode++) test_grouped(&g, mode);
+  test_grouped_all(&g);
   test_add_sumsq(&g);
   test_embed(&g, 136);
   test_embed(&g, 100);

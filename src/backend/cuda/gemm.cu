@@ -1,4 +1,4 @@
-/* gemm.cu: dense GEMM on cuBLASLt and per-expert (grouped) GEMM on cuBLAS.
+/* gemm.cu: dense GEMM on cuBLASLt and the per-expert (grouped) GEMM entry point.
  *
  * The contract is row-major; cuBLAS is column-major. A row-major [R, C] matrix
  * is a column-major [C, R] one with the same leading dimension, so
@@ -12,19 +12,24 @@
  * are limited to fp32 workspace (and in-place only for fp32 outputs) so bf16
  * outputs round once.
  *
- * Grouped: cublasGemmGroupedBatchedEx, one call for all experts with rows, one
- * group per expert (its own m). It needs the sizes on the host, which the
- * contract gives (off_host; without it the device offsets are fetched, a
- * wait), and the operand pointers in device memory: they
- * are built on the host and copied into the SCRATCH_GEMM slot on the stream.
- * Experts with no rows are left out of the call, so GG_FWD/GG_DX write nothing
- * for them and GG_DW leaves their dW unchanged. */
+ * Grouped: the tensor-core kernels of grouped_gemm.cu (device offsets only, no
+ * host sync). Shapes they do not take (K or N not a multiple of 8, unaligned
+ * operands) fall back to cublasGemmGroupedBatchedEx, one call for all experts
+ * with rows, one group per expert (its own m). That path needs the sizes on
+ * the host, which the contract gives (off_host; without it the device offsets
+ * are fetched, a wait), and the operand pointers in device memory: they are
+ * built on the host and copied into the SCRATCH_GEMM slot on the stream.
+ * NMOE_GROUPED_GEMM=cublas in the environment forces the cuBLAS path (A/B
+ * benchmarks; an escape hatch). Experts with no rows are left out of the
+ * call, so GG_FWD/GG_DX write nothing for them and GG_DW leaves their dW
+ * unchanged. */
 #include <stdlib.h>
 #include <string.h>
 
 #include "backend/cuda/cuda_common.h"
 #include "backend/cuda/cuda_blas.h"
 #include "backend/cuda/cuda_ops.h"
+#include "backend/cuda/grouped_gemm.h"
 
 /* One row-major product expressed as its column-major cuBLAS call: the first
  * cuBLAS operand is B, the second A (see top). */
@@ -195,6 +200,9 @@ static void group_args_reserve(int E) {
 
 void cu_grouped_gemm(Backend *be, int mode, void *out, const void *a, const void *b,
                      const int32_t *off, const int32_t *off_host, int E, int M, int N, int K) {
+  const char *impl = getenv("NMOE_GROUPED_GEMM");
+  if (!(impl && strcmp(impl, "cublas") == 0) && gg_tc_run(be, mode, out, a, b, off, E, M, N, K))
+    return;
   group_args_reserve(E);
   if (!off_host) { /* callers should pass it; fetching it here waits for the device */
     be->download(be, gargs.off, off, (E + 1) * sizeof(int32_t));
