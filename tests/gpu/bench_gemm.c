@@ -2,13 +2,14 @@
  * FLOPs, for the speedrun super/moe and moonlet expert shapes (GPU machine).
  *
  * For each shape: grouped GEMM (all experts in one call, rows spread evenly
- * with a +-25% jitter so groups differ) in the three modes, with the
- * tensor-core kernels ("impl":"tc") and with the cuBLAS grouped path
- * ("impl":"cublas", NMOE_GROUPED_GEMM=cublas), then one dense GEMM
+ * with a +-25% jitter so groups differ) in the three modes, on the default
+ * path ("impl":"default": the tensor-core kernels, or cuBLAS where gemm.cu
+ * picks it) and on the cuBLAS grouped path ("impl":"cublas",
+ * NMOE_GROUPED_GEMM=cublas), then one dense GEMM
  * [M, K] x [K, N] ("dense_gemm") and the dense weight-gradient product
  * X^T dY ("dense_dw") as ceilings. Prints one JSON line per measurement with ms
  * and TFLOP/s (median of 20 after 3 warm-ups), and one "grouped_check" line per
- * mode: ||tc - cublas|| / ||cublas|| over the whole output (both bf16). */
+ * mode: ||default - cublas|| / ||cublas|| over the whole output (both bf16). */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -73,19 +74,19 @@ static void grouped_into(Backend *be, int mode, void *out, void *x, void *w, voi
   }
 }
 
-/* ||tc - cublas|| / ||cublas|| of one mode's whole output. */
+/* ||default - cublas|| / ||cublas|| of one mode's whole output. */
 static double grouped_check(Backend *be, int mode, void *out, void *x, void *w, void *y, void *offd,
                             const int32_t *off, int E, int M, int D, int F2) {
   size_t n = mode == GG_FWD ? (size_t)M * F2 : mode == GG_DX ? (size_t)M * D : (size_t)E * D * F2;
   uint16_t *h[2];
-  const char *impls[2] = {"tc", "cublas"};
+  const char *impls[2] = {"default", "cublas"};
   for (int i = 0; i < 2; i++) {
     set_impl(impls[i]);
     grouped_into(be, mode, out, x, w, y, offd, off, E, M, D, F2);
     h[i] = xmalloc(n * 2);
     be->download(be, h[i], out, n * 2);
   }
-  set_impl("tc");
+  set_impl("default");
   double num = 0, den = 0;
   for (size_t i = 0; i < n; i++) {
     uint32_t a = (uint32_t)h[0][i] << 16, b = (uint32_t)h[1][i] << 16;
@@ -116,10 +117,10 @@ static void bench_shape(Backend *be, const char *name, int E, int M, int D, int 
   if ((size_t)E * D * F2 > on) on = (size_t)E * D * F2;
   void *out = be->alloc(be, on * 2);
   double flops = 2.0 * M * D * F2, ms;
-  const char *modes[3] = {"fwd", "dx", "dw"}, *impls[2] = {"tc", "cublas"};
+  const char *modes[3] = {"fwd", "dx", "dw"}, *impls[2] = {"default", "cublas"};
   for (int m = 0; m < 3; m++) {
     double rel = grouped_check(be, m, out, x, w, y, offd, off, E, M, D, F2);
-    printf("{\"bench\":\"grouped_check\",\"shape\":\"%s\",\"mode\":\"%s\",\"rel_tc_vs_cublas\":%.3g}\n",
+    printf("{\"bench\":\"grouped_check\",\"shape\":\"%s\",\"mode\":\"%s\",\"rel_default_vs_cublas\":%.3g}\n",
            name, modes[m], rel);
     for (int i = 0; i < 2; i++) {
       set_impl(impls[i]);
@@ -128,7 +129,7 @@ static void bench_shape(Backend *be, const char *name, int E, int M, int D, int 
              "\"M\":%d,\"K\":%d,\"N\":%d,\"ms\":%.3f,\"tflops\":%.1f}\n",
              impls[i], name, modes[m], E, M, D, F2, ms, flops / ms / 1e9);
     }
-    set_impl("tc");
+    set_impl("default");
   }
   TIME_MEDIAN(be, ms, be->gemm(be, out, x, w, M, F2, D, 0, 0, 1, 0, 0));
   printf("{\"bench\":\"dense_gemm\",\"shape\":\"%s\",\"M\":%d,\"K\":%d,\"N\":%d,\"ms\":%.3f,"
