@@ -19,6 +19,20 @@
 #include "backend/cpu/cpu.h"
 
 static Backend *be;
+
+/* Group fixture: one CPU backend for the whole test binary. */
+static int setup(void **state) {
+  (void)state;
+  be = backend_cpu();
+  return 0;
+}
+
+static int teardown(void **state) {
+  (void)state;
+  be->destroy(be);
+  return 0;
+}
+
 static uint64_t rng = 0x9E3779B97F4A7C15ull;
 
 static void seed(uint64_t s) { rng = s * 0x9E3779B97F4A7C15ull + 1; }

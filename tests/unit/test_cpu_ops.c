@@ -138,16 +138,6 @@ static void test_router_norm_swiglu(void **state) {
   bfree(y), bfree(nw), bfree(rs), bfree(hh);
 }
 
-static int setup(void **state) {
-  be = backend_cpu();
-  return 0;
-}
-
-static int teardown(void **state) {
-  be->destroy(be);
-  return 0;
-}
-
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_memory),

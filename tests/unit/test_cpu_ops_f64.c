@@ -682,16 +682,6 @@ static void test_backend_open(void **state) {
   b->destroy(b);
 }
 
-static int setup(void **state) {
-  be = backend_cpu();
-  return 0;
-}
-
-static int teardown(void **state) {
-  be->destroy(be);
-  return 0;
-}
-
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_memory),
