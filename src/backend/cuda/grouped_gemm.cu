@@ -12,9 +12,12 @@
  * Warpgroup 0 is the producer (one thread issues TMA copies of 64-deep K slices
  * into a ring of STAGES shared-memory stages, 128-byte swizzled, completing on
  * "full" mbarriers); warpgroups 1 and 2 each compute 64 rows x BN columns with
- * wgmma (m64nBNk16, fp32 accumulators in registers), release a stage through
- * its "empty" mbarrier, and store their tile straight from registers. The ring
- * runs on across tiles, so the next tile's loads overlap this tile's stores.
+ * wgmma (m64nBNk16, fp32 accumulators in registers) keeping one K slice's
+ * group in flight, release a stage through its "empty" mbarrier once the
+ * slice after it is issued, and store their tile straight from registers
+ * (16-byte stores after a quad transpose; GG_DW loads the whole tile's old dW
+ * first, prefetched into L2 at the tile's start). The ring runs on across
+ * tiles, so the next tile's loads overlap this tile's stores.
  *
  * Operands in shared memory (wgmma takes K-major or MN-major bf16 tiles):
  *   FWD  A = X [rows, K]     K-major   B = W[e] [K, N]   MN-major (N contiguous)
@@ -125,8 +128,10 @@ static __device__ __forceinline__ void wgmma_fence(void) {
 static __device__ __forceinline__ void wgmma_commit(void) {
   asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
 }
-static __device__ __forceinline__ void wgmma_wait_all(void) {
-  asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+/* Waits until at most N committed wgmma groups are still running. */
+template <int N>
+static __device__ __forceinline__ void wgmma_wait(void) {
+  asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
 }
 
 /* Keeps the compiler from moving accumulator reads/writes across the async
@@ -313,6 +318,112 @@ static __device__ __forceinline__ void gg_produce(const GgArgs &p, const CUtenso
   }
 }
 
+/* ---- epilogue ---- */
+
+/* Accumulator layout (per warp, m64nBN): element 4j + 2i + c sits at row
+ * 16 warp + lane/4 + 8i, column 8j + 2 (lane%4) + c, so a quad of lanes holds
+ * one row's 8-column group j. */
+
+/* The output row of accumulator row half i, or NULL when the row is not
+ * stored (FWD/DX: past the expert's rows; DW: past dW[e]'s K rows). Points at
+ * the tile's first column. */
+template <int MODE>
+static __device__ __forceinline__ bf16 *gg_out_row(const GgArgs &p, const GgTile &T, int wg, int i) {
+  int lane = threadIdx.x % 32, warp = (threadIdx.x % 128) / 32;
+  int r = 64 * wg + 16 * warp + lane / 4 + 8 * i;
+  if (MODE != GG_DW) return r < T.valid ? p.out + (size_t)(T.row0 + r) * p.gn + T.n0 : NULL;
+  int m = T.m0 + r;
+  return m < p.gm ? p.out + ((size_t)T.e * p.gm + m) * p.gn + T.n0 : NULL;
+}
+
+/* DW: pulls the tile's old dW rows into L2 while the K loop runs, so the
+ * epilogue's read of them does not wait on DRAM. Lane q of a quad takes the
+ * q-th 128-byte line of its two rows. */
+template <int BN>
+static __device__ __forceinline__ void gg_prefetch_out(const GgArgs &p, const GgTile &T, int wg) {
+  int q = threadIdx.x % 4;
+  if (q >= BN / 64 || T.n0 + 64 * q >= p.gn) return;
+#pragma unroll
+  for (int i = 0; i < 2; i++) {
+    bf16 *o = gg_out_row<GG_DW>(p, T, wg, i);
+    if (o) asm volatile("prefetch.global.L2 [%0];" ::"l"(o + 64 * q));
+  }
+}
+
+/* 4 x 4 transpose of column pairs within a quad: on entry lane q holds
+ * v[g] = columns 2q, 2q+1 of group g (g = 0..3 of a block of four 8-column
+ * groups); on exit v[c] = columns 2c, 2c+1 of group q, i.e. one 16-byte run.
+ * Two butterfly exchanges, with lane q^2 then lane q^1. */
+static __device__ __forceinline__ void quad_transpose(float2 *v, int q) {
+#pragma unroll
+  for (int m = 2; m >= 1; m >>= 1) {
+#pragma unroll
+    for (int lo = 0; lo < 4; lo++) {
+      if (lo & m) continue;
+      int hi = lo | m, up = q & m;
+      float2 send = up ? v[lo] : v[hi], got;
+      got.x = __shfl_xor_sync(0xffffffffu, send.x, m);
+      got.y = __shfl_xor_sync(0xffffffffu, send.y, m);
+      if (up) v[lo] = got;
+      else v[hi] = got;
+    }
+  }
+}
+
+static __device__ __forceinline__ uint32_t bf16x2_bits(float x, float y) {
+  __nv_bfloat162 h = __floats2bfloat162_rn(x, y);
+  return *(uint32_t *)&h;
+}
+
+static __device__ __forceinline__ float2 bf16x2_float2(uint32_t u) {
+  return __bfloat1622float2(*(__nv_bfloat162 *)&u);
+}
+
+/* Stores a consumer warpgroup's 64 x BN tile with 16-byte accesses: quads
+ * transpose their accumulators so each lane owns 8 consecutive columns. DW
+ * adds into dW: all old values are loaded first (one wait for the whole tile,
+ * the loads overlap the transposes), then each element is old + acc in fp32,
+ * rounded once, as before. N is a multiple of 8, so a group is wholly inside
+ * or outside the output. */
+template <int MODE, int BN>
+static __device__ __forceinline__ void gg_store(const GgArgs &p, const GgTile &T, float *acc, int wg) {
+  constexpr int NB = BN / 32; /* blocks of four 8-column groups per row */
+  int q = threadIdx.x % 4;
+  bf16 *o[2] = {gg_out_row<MODE>(p, T, wg, 0), gg_out_row<MODE>(p, T, wg, 1)};
+  uint4 old[2][NB];
+  if (MODE == GG_DW) {
+#pragma unroll
+    for (int i = 0; i < 2; i++)
+#pragma unroll
+      for (int b = 0; b < NB; b++) {
+        int col = 8 * (4 * b + q);
+        old[i][b] = o[i] && T.n0 + col < p.gn ? *(const uint4 *)(o[i] + col) : make_uint4(0, 0, 0, 0);
+      }
+  }
+#pragma unroll
+  for (int i = 0; i < 2; i++)
+#pragma unroll
+    for (int b = 0; b < NB; b++) {
+      float2 v[4];
+#pragma unroll
+      for (int g = 0; g < 4; g++) v[g] = make_float2(acc[4 * (4 * b + g) + 2 * i], acc[4 * (4 * b + g) + 2 * i + 1]);
+      quad_transpose(v, q);
+      int col = 8 * (4 * b + q);
+      if (!o[i] || T.n0 + col >= p.gn) continue;
+      if (MODE == GG_DW) {
+        uint32_t w[4] = {old[i][b].x, old[i][b].y, old[i][b].z, old[i][b].w};
+#pragma unroll
+        for (int c = 0; c < 4; c++) {
+          float2 f = bf16x2_float2(w[c]);
+          v[c].x += f.x;
+          v[c].y += f.y;
+        }
+      }
+      *(uint4 *)(o[i] + col) = make_uint4(bf16x2_bits(v[0].x, v[0].y), bf16x2_bits(v[1].x, v[1].y),
+                                          bf16x2_bits(v[2].x, v[2].y), bf16x2_bits(v[3].x, v[3].y));
+    }
+}
+
 /* Consumer warpgroup wg (0 or 1): rows [64 wg, 64 wg + 64) of each tile. */
 template <int MODE, int BN>
 static __device__ __forceinline__ void gg_consume(const GgArgs &p, uint32_t ring, uint32_t full,
@@ -320,12 +431,13 @@ static __device__ __forceinline__ void gg_consume(const GgArgs &p, uint32_t ring
   typedef GgCfg<MODE, BN> C;
   constexpr int TA = MODE == GG_DW, TB = MODE != GG_DX; /* MN-major operands */
   constexpr int R = BN / 2;                             /* accumulators per thread */
-  int tid = threadIdx.x % 128, warp = tid / 32, lane = tid % 32;
+  int tid = threadIdx.x % 128, lane = tid % 32;
   float acc[R];
-  int s = 0;
+  int s = 0, prev = 0;
   uint32_t phase = 0;
   for (int t = blockIdx.x; t < total; t += gridDim.x) {
     GgTile T = gg_tile<MODE, BN>(p, t);
+    if (MODE == GG_DW) gg_prefetch_out<BN>(p, T, wg);
 #pragma unroll
     for (int i = 0; i < R; i++) acc[i] = 0.f;
     acc_fence<R>(acc);
@@ -353,40 +465,20 @@ static __device__ __forceinline__ void gg_consume(const GgArgs &p, uint32_t ring
         wgmma_tile<BN, TA, TB>(acc, da, db);
       }
       wgmma_commit();
-      wgmma_wait_all();
-      acc_fence<R>(acc);
-      if (lane == 0) mbar_arrive(empty + 8 * s); /* one arrival per consumer warp */
+      /* keep this slice's group in flight; the previous slice is done, so its
+       * stage goes back (one arrival per consumer warp) */
+      wgmma_wait<1>();
+      if (kb > 0 && lane == 0) mbar_arrive(empty + 8 * prev);
+      prev = s;
       if (++s == C::STAGES) {
         s = 0;
         phase ^= 1;
       }
     }
-    /* Accumulator layout (per warp, m64nBN): element 4j + 2i + c sits at row
-     * 16 warp + lane/4 + 8i, column 8j + 2 (lane%4) + c. */
-    int cb = 2 * (lane % 4);
-#pragma unroll
-    for (int i = 0; i < 2; i++) {
-      int r = 64 * wg + 16 * warp + lane / 4 + 8 * i;
-      if (MODE != GG_DW) {
-        if (r >= T.valid) continue;
-        bf16 *o = p.out + (size_t)(T.row0 + r) * p.gn + T.n0 + cb;
-#pragma unroll
-        for (int j = 0; j < BN / 8; j++)
-          if (T.n0 + 8 * j + cb < p.gn)
-            *(__nv_bfloat162 *)(o + 8 * j) = __floats2bfloat162_rn(acc[4 * j + 2 * i], acc[4 * j + 2 * i + 1]);
-      } else {
-        int m = T.m0 + r;
-        if (m >= p.gm) continue;
-        bf16 *o = p.out + ((size_t)T.e * p.gm + m) * p.gn + T.n0 + cb;
-#pragma unroll
-        for (int j = 0; j < BN / 8; j++)
-          if (T.n0 + 8 * j + cb < p.gn) {
-            float2 old = __bfloat1622float2(*(__nv_bfloat162 *)(o + 8 * j));
-            *(__nv_bfloat162 *)(o + 8 * j) = __floats2bfloat162_rn(old.x + acc[4 * j + 2 * i],
-                                                                   old.y + acc[4 * j + 2 * i + 1]);
-          }
-      }
-    }
+    wgmma_wait<0>();
+    acc_fence<R>(acc);
+    if (T.nk > 0 && lane == 0) mbar_arrive(empty + 8 * prev);
+    gg_store<MODE, BN>(p, T, acc, wg);
   }
 }
 
