@@ -15,11 +15,11 @@
  * Grouped: the tensor-core kernels of grouped_gemm.cu (device offsets only, no
  * host sync). cublasGemmGroupedBatchedEx serves the rest: shapes the kernels
  * do not take (K or N not a multiple of 8, unaligned operands) and GG_DW with
- * a large per-expert dW (K*N >= 2^21, the moonlet shapes, where cuBLAS
- * measured 1.3-1.6x faster on H100: bench/results/2026-11-26-grouped-gemm.md).
- * It runs one call for all experts with rows, one group per expert (its own
- * m). That path needs the sizes on the host, which the contract gives
- * (off_host; without it the device offsets are fetched, a wait), and the
+ * a per-expert dW of K*N >= 2^22 elements (moonlet w13, 2048 x 2816: cuBLAS
+ * 2.37 ms vs ours 2.58 on H100; moonlet w2, 1408 x 2048, is ours, 1.26 vs
+ * 1.38: bench/results/2026-11-26-grouped-gemm.md, run 2). It runs one call
+ * for all experts with rows, one group per expert (its own m). That path
+ * needs the sizes on the host, which the contract gives (off_host; without it the device offsets are fetched, a wait), and the
  * operand pointers in device memory: they are built on the host and copied
  * into the SCRATCH_GEMM slot on the stream. NMOE_GROUPED_GEMM=cublas in the
  * environment forces the cuBLAS path (A/B benchmarks; an escape hatch).
@@ -203,7 +203,7 @@ static void group_args_reserve(int E) {
 void cu_grouped_gemm(Backend *be, int mode, void *out, const void *a, const void *b,
                      const int32_t *off, const int32_t *off_host, int E, int M, int N, int K) {
   const char *impl = getenv("NMOE_GROUPED_GEMM");
-  int tc = !(impl && strcmp(impl, "cublas") == 0) && !(mode == GG_DW && (long)K * N >= (1L << 21));
+  int tc = !(impl && strcmp(impl, "cublas") == 0) && !(mode == GG_DW && (long)K * N >= (1L << 22));
   if (tc && gg_tc_run(be, mode, out, a, b, off, E, M, N, K)) return;
   group_args_reserve(E);
   if (!off_host) { /* callers should pass it; fetching it here waits for the device */
