@@ -19,9 +19,10 @@
  * 2.37 ms vs ours 2.58 on H100; moonlet w2, 1408 x 2048, is ours, 1.26 vs
  * 1.38: bench/results/2026-11-26-grouped-gemm.md, run 2). It runs one call
  * for all experts with rows, one group per expert (its own m). That path
- * needs the sizes on the host, which the contract gives (off_host; without it the device offsets are fetched, a wait), and the
- * operand pointers in device memory: they are built on the host and copied
- * into the SCRATCH_GEMM slot on the stream. NMOE_GROUPED_GEMM=cublas in the
+ * needs the sizes on the host, which the contract gives (off_host; without
+ * it the device offsets are fetched, a wait), and the operand pointers in
+ * device memory: they are built on the host and copied into the SCRATCH_GEMM
+ * slot on the stream. NMOE_GROUPED_GEMM=cublas in the
  * environment forces the cuBLAS path (A/B benchmarks; an escape hatch).
  * Experts with no rows are left out of the call, so GG_FWD/GG_DX write
  * nothing for them and GG_DW leaves their dW unchanged. */
