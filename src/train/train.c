@@ -233,6 +233,9 @@ int train_main(int argc, char **argv) {
                di.world);
   const int B = (int)(cfg.batch_size / di.world), T = (int)cfg.seq_len;
 
+  /* Data first: a missing or corrupt shard fails before a large model is built. */
+  Loader *loader = loader_open(&cfg, NULL, di.rank, di.world, err, sizeof err);
+  if (!loader) nmoe_fatal("%s", err);
   Backend *be = backend_open(cfg.device, di.local_rank);
   Model *m = model_create(&cfg, be);
   char fp[65];
@@ -244,8 +247,6 @@ int train_main(int argc, char **argv) {
            be->name, (long long)model_param_count(m), model_active_matmul_params(d, &cfg) / 1e6, d->L,
            d->n_dense, m->n_moe, d->mla ? "mla" : "mha", fp);
 
-  Loader *loader = loader_open(&cfg, NULL, di.rank, di.world, err, sizeof err);
-  if (!loader) nmoe_fatal("%s", err);
 
   RunRecord rec = {0};
   rec.run_id = run_id_new();
@@ -397,5 +398,7 @@ int train_main(int argc, char **argv) {
   loader_close(loader);
   model_free(m);
   be->destroy(be);
-  return !strcmp(status, "completed") ? 0 : 130;
+  int rc = !strcmp(status, "completed") ? 0 : 130;
+  config_free(&cfg);
+  return rc;
 }
