@@ -286,6 +286,12 @@ void git_info(char out_hash[41], int *dirty) {
   char buf[128];
   snprintf(out_hash, 41, "unknown");
   *dirty = 0;
+  /* Images carry no .git: the build records the commit in NMOE_GIT_COMMIT. */
+  const char *env = getenv("NMOE_GIT_COMMIT");
+  if (env && *env) {
+    snprintf(out_hash, 41, "%s", env);
+    return;
+  }
   if (run_cmd("git rev-parse HEAD 2>/dev/null", buf, sizeof buf) < 40 ||
       strspn(buf, "0123456789abcdef") != 40)
     return;

@@ -257,6 +257,10 @@ static void test_run_id_and_git(void **state) {
 
   char hash[41];
   int dirty = -1;
+  setenv("NMOE_GIT_COMMIT", "0123abc", 1); /* images record the commit this way */
+  git_info(hash, &dirty);
+  assert_string_equal(hash, "0123abc");
+  unsetenv("NMOE_GIT_COMMIT");
   git_info(hash, &dirty); /* in the repository (or "unknown" without git) */
   char *head = shell("git rev-parse HEAD 2>/dev/null");
   assert_string_equal(hash, head ? head : "unknown");
