@@ -36,7 +36,7 @@ check("train" in commands and "data" in commands, f"src/main.c: command table no
 # `nmoe viz` is being written now; nviz.yaml may name it before it joins src/main.c.
 pending = {"viz"}
 readme = open("docker/README.md").read()
-tags = dict(re.findall(r"docker build -f (docker/Dockerfile(?:\.cpu)?) (?:--build-arg \S+ )*-t (\S+) \.", readme))
+tags = dict(re.findall(r"docker build -f (docker/Dockerfile(?:\.cpu)?) [^\n]*?-t (\S+) \.", readme))
 check(set(tags) == {"docker/Dockerfile", "docker/Dockerfile.cpu"},
       f"docker/README.md: build commands for both Dockerfiles not found ({tags})")
 gpu_image, cpu_image = tags.get("docker/Dockerfile", "?"), tags.get("docker/Dockerfile.cpu", "?")
