@@ -8,6 +8,7 @@
 #include "data/tokenizer.h"
 #include "train/ckpt.h"
 #include "train/train.h"
+#include "viz/viz.h"
 
 
 #define NMOE_VERSION "0.1.0"
@@ -44,6 +45,7 @@ static const Command COMMANDS[] = {
     {"data", data_main, "prepare, verify and inspect token shards (prep|verify|info|inspect|regenerate-index)"},
     {"ckpt", ckpt_main, "inspect checkpoints (list|info|verify)"},
     {"bench", bench_main, "benchmarks printing one JSON line per measurement (tokenizer, train)"},
+    {"viz", viz_main, "metrics dashboard over HTTP: nmoe viz [--metrics-dir DIR] [--port N]"},
     {"version", version_main, "print the version and compiled backends"},
 };
 
