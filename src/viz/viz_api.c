@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 #include <strings.h>
 
 #include "core/fsutil.h"
@@ -68,9 +69,22 @@ static void respond_json(HttpResponse *r, JsonW *w) {
 
 /* ----------------------------------------------------------------- SQLite */
 
+/* Read-only open. A WAL reader must create the -shm file beside the database;
+ * where the directory is not writable (a read-only volume) the file is opened
+ * immutable instead: it then shows what has been checkpointed into the main
+ * file, which lags a live writer by at most one WAL auto-checkpoint. */
 static sqlite3 *db_open_ro(const char *path, char *err, size_t errlen) {
   sqlite3 *db = NULL;
-  if (sqlite3_open_v2(path, &db, SQLITE_OPEN_READONLY, NULL) != SQLITE_OK ||
+  char dir[4096], uri[4200];
+  fs_dirname(path, dir, sizeof dir);
+  int flags = SQLITE_OPEN_READONLY;
+  const char *name = path;
+  if (access(dir, W_OK) != 0) {
+    snprintf(uri, sizeof uri, "file:%s?immutable=1", path);
+    name = uri;
+    flags |= SQLITE_OPEN_URI;
+  }
+  if (sqlite3_open_v2(name, &db, flags, NULL) != SQLITE_OK ||
       sqlite3_busy_timeout(db, 2000) != SQLITE_OK) {
     snprintf(err, errlen, "%s: cannot open: %s", path, db ? sqlite3_errmsg(db) : "out of memory");
     sqlite3_close(db);
