@@ -4,6 +4,7 @@
 #   ops     op-by-op CUDA vs CPU checks (tests/gpu)
 #   oracle  whole-model loss/grad dumps (CPU fp32, CUDA bf16) vs the PyTorch oracle
 #   curve   tiny.toml on the Brown sample: 200 steps CUDA vs CPU loss curves
+#   resume  bit-exact resume on the GPU (tiny.toml, 20 + 20 steps vs 40)
 #   bench   expert GEMM benchmark; nmoe bench train for speedrun super/moe and a
 #           6-layer moonlet (fits an 80 GB card)
 #   torch   PyTorch eager/compile baselines for the same shapes
@@ -59,6 +60,27 @@ print("cuda rerun bit-identical:", cuda == cuda2)
 print(f"max |cuda - cpu| = {worst:.4f} over {len(cpu)} logged steps (bound 0.15); "
       f"final cpu {cpu[max(cpu)]:.4f} cuda {cuda[max(cuda)]:.4f}")
 sys.exit(0 if worst < 0.15 and cuda == cuda2 else 1)
+PY
+    ;;
+  resume)
+    # Bit-exact resume on the GPU: 40 steps straight vs 20 + resume to 40.
+    r="--log_every=1 --metrics_dir=$OUT/m --experiments_db=$OUT/e.db --device=cuda"
+    step resume_full 120 env NMOE_RUN=full $B/nmoe train configs/tiny.toml --steps=40 --checkpoint_every=0 \
+      --checkpoint_dir=/tmp/ck_full $r
+    step resume_a 120 env NMOE_RUN=half_a $B/nmoe train configs/tiny.toml --steps=20 --checkpoint_every=20 \
+      --checkpoint_dir=/tmp/ck_half $r
+    step resume_b 120 env NMOE_RUN=half_b $B/nmoe train configs/tiny.toml --steps=40 --resume \
+      --checkpoint_dir=/tmp/ck_half $r
+    step resume_compare 30 python3 - "$OUT/m" <<'PY'
+import sqlite3, sys
+def losses(run):
+    db = sqlite3.connect(f"{sys.argv[1]}/{run}/rank_0.sqlite")
+    return dict(db.execute("select step, value from metrics where tag='train/loss'"))
+full, b = losses("full"), losses("half_b")
+tail = {s: v for s, v in full.items() if s > 20}
+same = tail == b
+print(f"steps 21..40 after resume bit-identical to the straight run: {same} ({len(b)} steps)")
+sys.exit(0 if same and len(b) == 20 else 1)
 PY
     ;;
   bench)
