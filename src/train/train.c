@@ -322,9 +322,10 @@ int train_main(int argc, char **argv) {
       double tps = steps_in_window * (double)B * T / dt;
       double ms = 1000 * dt / steps_in_window;
       double tflops = flops_tok * tps / 1e12;
+      double mem_gib = be->mem_peak ? be->mem_peak(be) / 1073741824.0 : peak_host_gib();
       log_info("step %6lld/%lld | loss %.4f | lr %.2e | gnorm %.3f | tok/s %.0f | ms/step %.1f | "
-               "tflops %.2f",
-               (long long)s, (long long)cfg.steps, loss, lr, gnorm, tps, ms, tflops);
+               "tflops %.2f | mem %.1f GiB",
+               (long long)s, (long long)cfg.steps, loss, lr, gnorm, tps, ms, tflops, mem_gib);
       Metrics *mx = rec.metrics;
       metrics_log(mx, "train/loss", s, loss);
       metrics_log(mx, "train/grad_norm", s, gnorm);
