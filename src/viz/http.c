@@ -143,7 +143,8 @@ static void send_response(int fd, HttpResponse *r, int head_only) {
 }
 
 /* Reads until the blank line ending the headers; buf gets them
- * NUL-terminated. 0 ok, 1 too large, -1 closed or timed out. */
+ * NUL-terminated. 0 ok, 1 too large, 2 a NUL byte (the string parsing
+ * below would stop short of the line ends), -1 closed or timed out. */
 static int read_head(int fd, char *buf, size_t cap) {
   size_t n = 0;
   for (;;) {
@@ -151,6 +152,7 @@ static int read_head(int fd, char *buf, size_t cap) {
     ssize_t k = recv(fd, buf + n, cap - 1 - n, 0);
     if (k < 0 && errno == EINTR) continue;
     if (k <= 0) return -1;
+    if (memchr(buf + n, 0, (size_t)k)) return 2;
     size_t from = n > 3 ? n - 3 : 0;
     n += (size_t)k;
     buf[n] = 0;
@@ -218,6 +220,7 @@ static void *conn_main(void *arg) {
   HttpResponse r = {0};
   int rc = read_head(c->fd, head, HTTP_MAX_REQUEST + 1), head_only = 0;
   if (rc == 1) http_error(&r, 431, "request too large");
+  if (rc == 2) http_error(&r, 400, "NUL byte in the request");
   if (rc >= 0) {
     char *method, *target;
     if (rc == 0 && parse_request(head, &method, &target, &head_only, &r) == 0) {
