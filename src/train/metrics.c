@@ -7,6 +7,7 @@
  * a step pays only an append. */
 #include "train/metrics.h"
 
+#include <math.h>
 #include <sqlite3.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -93,6 +94,7 @@ struct Metrics {
   char *run, *label;
   Pending *buf;
   int n, cap;
+  int warned_nan;
 };
 
 Metrics *metrics_open(const char *metrics_dir, const char *run_id, int rank, char *err, size_t errlen) {
@@ -123,6 +125,13 @@ fail:
 
 void metrics_log(Metrics *m, const char *tag, int64_t step, double value) {
   if (!m) return;
+  /* SQLite binds NaN as NULL, which the NOT NULL column refuses: one NaN
+   * (a diverged validation loss) would fail every later flush. Skip it. */
+  if (isnan(value)) {
+    if (!m->warned_nan) log_warn("metrics: %s is NaN at step %lld; NaN values are not recorded", tag, (long long)step);
+    m->warned_nan = 1;
+    return;
+  }
   if (m->n == m->cap) m->buf = xrealloc(m->buf, (size_t)(m->cap = m->cap ? 2 * m->cap : 256) * sizeof *m->buf);
   m->buf[m->n++] = (Pending){xstrdup(tag), step, now_ms(), value};
 }

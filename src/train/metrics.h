@@ -16,7 +16,8 @@
 
 typedef struct Metrics Metrics;
 Metrics *metrics_open(const char *metrics_dir, const char *run_id, int rank, char *err, size_t errlen);
-/* Buffers one value (written at the next flush). */
+/* Buffers one value (written at the next flush). NaN is not recorded (SQLite
+ * cannot store it); infinities are. */
 void metrics_log(Metrics *m, const char *tag, int64_t step, double value);
 /* Commits buffered values in one transaction; 0 or -1 with err. */
 int metrics_flush(Metrics *m, char *err, size_t errlen);

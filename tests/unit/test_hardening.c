@@ -2,7 +2,9 @@
  * modules against hostile or malformed input (one test per defect).
  *
  * - viz HTTP server: a NUL byte in the request head used to crash the
- *   server (NULL line end in parse_request); now answered 400. */
+ *   server (NULL line end in parse_request); now answered 400.
+ * - metrics: a NaN value (SQLite binds it as NULL into a NOT NULL column)
+ *   made every later flush fail, and train.c dies on a failed flush. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -13,13 +15,17 @@
 
 #include <arpa/inet.h>
 #include <cmocka.h>
+#include <math.h>
 #include <pthread.h>
 #include <sys/socket.h>
 #include <sys/time.h>
 #include <unistd.h>
 
 #include "core/log.h"
+#include "train/metrics.h"
 #include "viz/http.h"
+
+#include "tmpdir_fixture.h"
 
 /* ------------------------------------------------------------ HTTP server */
 
@@ -94,9 +100,27 @@ static void test_http_nul_in_request(void **state) {
   http_close(s);
 }
 
+/* ---------------------------------------------------------------- metrics */
+
+static void test_metrics_nan_does_not_poison_flush(void **state) {
+  Fixture *f = *state;
+  char err[1024];
+  assert_int_equal(fs_mkdirs(at(f->dir, "run"), err, sizeof err), 0);
+  Metrics *m = metrics_open(f->dir, "run", 0, err, sizeof err);
+  if (!m) fail_msg("%s", err);
+  metrics_log(m, "validation/loss", 5, NAN);
+  metrics_log(m, "validation/ppl", 5, INFINITY);
+  metrics_log(m, "train/loss", 5, 2.5);
+  if (metrics_flush(m, err, sizeof err)) fail_msg("flush: %s", err);
+  metrics_log(m, "train/loss", 6, 2.25);
+  if (metrics_flush(m, err, sizeof err)) fail_msg("second flush: %s", err);
+  metrics_close(m);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_http_nul_in_request),
+      cmocka_unit_test_setup_teardown(test_metrics_nan_does_not_poison_flush, tmpdir_setup, tmpdir_teardown),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
