@@ -321,6 +321,7 @@ static int nearest_manifest(const char *shard, Manifest *m) {
 }
 
 typedef struct TokCount { uint32_t id; int64_t n; } TokCount;
+#define INSPECT_MAX_IDS ((uint64_t)1 << 22) /* ids ranked by `data inspect`; vocabularies are far smaller */
 
 static int cmp_count(const void *a, const void *b) {
   const TokCount *x = a, *y = b;
@@ -370,13 +371,24 @@ static void inspect_shard(const char *path, int sample, const char *tok_name, in
   printf("  max token id %u, EOS %lld: %lld, double EOS: %lld%s\n", maxid, (long long)eos,
          (long long)n_eos, (long long)double_eos, double_eos ? " (empty documents?)" : "");
   if (s.n > 0) {
-    TokCount *c = xcalloc((size_t)maxid + 1, sizeof *c);
-    for (uint32_t i = 0; i <= maxid; i++) c[i].id = i;
-    for (int64_t i = 0; i < s.n; i++) c[s.tokens[i]].n++;
-    qsort(c, (size_t)maxid + 1, sizeof *c, cmp_count);
+    /* Ranks ids below INSPECT_MAX_IDS only: a corrupt shard's ids (up to
+     * 2^32-1) would size the table at 64 GB, and the shard being inspected
+     * is often the corrupt one. */
+    uint64_t nid = (uint64_t)maxid + 1 < INSPECT_MAX_IDS ? (uint64_t)maxid + 1 : INSPECT_MAX_IDS;
+    int64_t beyond = 0;
+    TokCount *c = xcalloc(nid, sizeof *c);
+    for (uint64_t i = 0; i < nid; i++) c[i].id = (uint32_t)i;
+    for (int64_t i = 0; i < s.n; i++) {
+      if (s.tokens[i] < nid) c[s.tokens[i]].n++;
+      else beyond++;
+    }
+    qsort(c, nid, sizeof *c, cmp_count);
     printf("  top tokens:");
-    for (uint32_t i = 0; i < 10 && i <= maxid && c[i].n; i++)
+    for (uint64_t i = 0; i < 10 && i < nid && c[i].n; i++)
       printf(" %u(%.2f%%)", c[i].id, 100.0 * (double)c[i].n / (double)s.n);
+    if (beyond)
+      printf(" (%lld tokens with ids >= %llu not ranked: corrupt shard?)", (long long)beyond,
+             (unsigned long long)INSPECT_MAX_IDS);
     printf("\n");
     free(c);
   }
