@@ -89,6 +89,7 @@ static void build_table(Model *m) {
                      INIT_TRUNC_NORMAL, in_std);
       lp->wv = add_w(t, l, "attn.wv.weight", (int64_t)d->Hkv * d->hd, d->D, OWN_DENSE, GROUP_DECAY,
                      INIT_TRUNC_NORMAL, in_std);
+      t->p[lp->wk].packed = t->p[lp->wv].packed = 1;
     }
     lp->wo = add_w(t, l, "attn.wo.weight", d->D, (int64_t)d->H * d->dv, OWN_DENSE, GROUP_DECAY,
                    INIT_TRUNC_NORMAL, out_std);
@@ -96,6 +97,7 @@ static void build_table(Model *m) {
     if (l < d->n_dense) {
       lp->w1 = add_w(t, l, "ffn.w1.weight", d->F, d->D, OWN_DENSE, GROUP_DECAY, INIT_TRUNC_NORMAL, in_std);
       lp->w3 = add_w(t, l, "ffn.w3.weight", d->F, d->D, OWN_DENSE, GROUP_DECAY, INIT_TRUNC_NORMAL, in_std);
+      t->p[lp->w3].packed = 1;
       lp->w2 = add_w(t, l, "ffn.w2.weight", d->D, d->F, OWN_DENSE, GROUP_DECAY, INIT_TRUNC_NORMAL, out_std);
     } else {
       lp->moe_index = m->n_moe++;
@@ -112,6 +114,7 @@ static void build_table(Model *m) {
                           INIT_TRUNC_NORMAL, in_std);
         lp->sh_w3 = add_w(t, l, "ffn.shared.w3.weight", d->Fs, d->D, OWN_DENSE, GROUP_DECAY,
                           INIT_TRUNC_NORMAL, in_std);
+        t->p[lp->sh_w3].packed = 1;
         lp->sh_w2 = add_w(t, l, "ffn.shared.w2.weight", d->D, d->Fs, OWN_DENSE, GROUP_DECAY,
                           INIT_TRUNC_NORMAL, out_std);
       }

@@ -33,17 +33,23 @@ int params_add(ParamTable *t, const char *name, int ndim, const int64_t *shape, 
   return t->n++;
 }
 
+/* 16-element alignment: 32 bytes in bf16, 64 in fp32, so vector loads never
+ * straddle tensors and every group range suits the vectorised optimizer. */
+static size_t align16(size_t n) { return (n + 15) & ~(size_t)15; }
+
 void params_finalize(ParamTable *t) {
   size_t off = 0;
   for (int g = 0; g < N_GROUPS; g++) {
     t->group_off[g] = off;
     for (int i = 0; i < t->n; i++) {
       if (t->p[i].group != (OptGroup)g) continue;
+      /* A packed row continues the previous one (one fused GEMM operand):
+       * padding between them would shift its rows. */
+      if (!t->p[i].packed) off = align16(off);
       t->p[i].offset = off;
-      /* Keep every tensor 16-element aligned: 32-byte aligned in bf16,
-       * 64 in fp32, so vector loads never straddle tensors. */
-      off += (t->p[i].numel + 15) & ~(size_t)15;
+      off += t->p[i].numel;
     }
+    off = align16(off);
   }
   t->group_off[N_GROUPS] = off;
   t->total = off;

@@ -4,9 +4,10 @@
  * tests all walk this table; nothing else knows where a weight lives.
  *
  * Rows are laid out group by group (in table order within a group), so each
- * optimizer group is one contiguous range [group_off[g], group_off[g+1]) and
- * tensors added one after another in the same group are adjacent in memory
- * (the model relies on this to run w1|w3 and wq|wk|wv as single GEMMs). */
+ * optimizer group is one contiguous range [group_off[g], group_off[g+1]).
+ * Every row starts 16-element aligned, except a row marked packed: it follows
+ * the previous row of its group with no gap (the model relies on this to run
+ * w1|w3 and wq|wk|wv as single GEMMs). */
 #ifndef NMOE_PARAMS_H
 #define NMOE_PARAMS_H
 
@@ -36,6 +37,7 @@ typedef struct ParamInfo {
   OptGroup group;
   InitKind init;
   float std;
+  int packed; /* 1: placed right after the previous row of its group, unpadded */
 } ParamInfo;
 
 typedef struct ParamTable {
@@ -48,7 +50,8 @@ typedef struct ParamTable {
 /* Adds a row (offsets are assigned by params_finalize). Returns its index. */
 int params_add(ParamTable *t, const char *name, int ndim, const int64_t *shape, ParamOwner owner,
                OptGroup group, InitKind init, float std);
-/* Assigns offsets group by group and fills group_off/total. */
+/* Assigns offsets group by group and fills group_off/total. Set packed on
+ * rows before calling it. */
 void params_finalize(ParamTable *t);
 /* Row index by name, or -1. */
 int params_find(const ParamTable *t, const char *name);

@@ -201,6 +201,56 @@ static void test_recompute_bit_identical(void **state) {
   be->destroy(be);
 }
 
+/* Sizes whose tensors are not multiples of 16 elements (dim 10, head 5, ffn
+ * 25, shared 5): the fused projections (wq|wk|wv, w1|w3, shared w1|w3) run as
+ * one GEMM over adjacent rows, so no alignment padding may sit between them,
+ * and no gradient may land outside a tensor (such padding would be trained
+ * but never checkpointed). */
+static void test_odd_dims_fused_weights(void **state) {
+  (void)state;
+  Config c;
+  tiny_config(&c);
+  free(c.attn);
+  c.attn = strdup("mha");
+  c.dim = 10;
+  c.n_heads = 2;
+  c.n_kv_heads = 1;
+  c.qk_rope_head_dim = 4;
+  c.inter_dim = 25;
+  c.moe_inter_dim = 5;
+  c.n_layers = 2;
+  Backend *be = backend_cpu();
+  Model *m = model_create(&c, be);
+  const ParamInfo *p = m->pt.p;
+  for (int l = 0; l < m->d.L; l++) {
+    const LayerParams *lp = &m->lp[l];
+    int runs[][3] = {{lp->wq, lp->wk, lp->wv}, {lp->w1, lp->w3, -1}, {lp->sh_w1, lp->sh_w3, -1}};
+    for (int r = 0; r < 3; r++)
+      for (int i = 0; i + 1 < 3 && runs[r][i + 1] >= 0; i++) {
+        const ParamInfo *a = &p[runs[r][i]], *b = &p[runs[r][i + 1]];
+        if (b->offset != a->offset + a->numel)
+          fail_msg("%s not adjacent to %s (%zu vs %zu)", b->name, a->name, b->offset,
+                   a->offset + a->numel);
+      }
+  }
+  const int B = (int)c.batch_size, T = (int)c.seq_len, N = B * T;
+  int32_t in[N], tg[N];
+  for (int i = 0; i < N; i++) {
+    in[i] = (int32_t)(rng_u64(3, 1, (uint64_t)i, 0) % (uint64_t)c.vocab_size);
+    tg[i] = (int32_t)(rng_u64(3, 2, (uint64_t)i, 0) % (uint64_t)c.vocab_size);
+  }
+  model_train_step_grads(m, in, tg, B, T, 0);
+  char *covered = calloc(m->pt.total, 1);
+  for (int r = 0; r < m->pt.n; r++) memset(covered + p[r].offset, 1, p[r].numel);
+  const real_t *g = m->grads;
+  for (size_t i = 0; i < m->pt.total; i++)
+    if (!covered[i] && g[i] != 0) fail_msg("gradient %g in padding at element %zu", g[i], i);
+  free(covered);
+  model_free(m);
+  be->destroy(be);
+  gradcheck(&c, 4);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_mla_moe_shared_dense),
@@ -209,6 +259,7 @@ int main(void) {
       cmocka_unit_test(test_yarn_rope),
       cmocka_unit_test(test_router_bias_update),
       cmocka_unit_test(test_recompute_bit_identical),
+      cmocka_unit_test(test_odd_dims_fused_weights),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
