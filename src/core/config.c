@@ -9,6 +9,7 @@
 
 #include <ctype.h>
 #include <errno.h>
+#include <limits.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdlib.h>
@@ -301,6 +302,18 @@ int config_validate(const Config *c, char *err, size_t errlen) {
     if (f->kind == K_FLOAT && !isfinite(*F_FLOAT(c, f))) BAD("%s must be a finite number", f->name);
     if (f->kind == K_STR && !*F_STR(c, f)) BAD("%s is not set", f->name);
   }
+  /* Model shapes and the per-step batch are int downstream (model.c, train.c):
+   * a larger value would wrap silently (dim = 2^32 + 32 trains a dim-32 model). */
+  static const char *const narrow[] = {
+      "vocab_size", "eos_token_id", "dim", "n_layers", "n_heads", "inter_dim", "moe_inter_dim",
+      "n_routed_experts", "n_activated_experts", "n_shared_experts", "n_dense_layers", "attn_global_every",
+      "attn_local_window", "n_kv_heads", "head_dim", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim",
+      "qk_rope_head_dim", "v_head_dim", "max_position_embeddings", "batch_size", "seq_len",
+      "checkpoint_keep_last_n", NULL};
+  for (int i = 0; i < NFIELDS; i++)
+    if (FIELDS[i].kind == K_INT && is_one_of(FIELDS[i].name, narrow) && *F_INT(c, &FIELDS[i]) > INT_MAX)
+      BAD("%s must be <= %d (got %lld)", FIELDS[i].name, INT_MAX, (long long)*F_INT(c, &FIELDS[i]));
+
   /* model shape */
   NEED_INT(dim, > 0, "> 0");
   NEED_INT(n_layers, > 0, "> 0");
@@ -400,6 +413,9 @@ int config_validate(const Config *c, char *err, size_t errlen) {
   /* training loop */
   NEED_INT(batch_size, > 0, "> 0");
   NEED_INT(seq_len, > 0, "> 0");
+  if (c->batch_size > INT_MAX / c->seq_len)
+    BAD("batch_size x seq_len (%lld x %lld) must be <= %d tokens per step", (long long)c->batch_size,
+        (long long)c->seq_len, INT_MAX);
   if (!*c->flow_mode) NEED_INT(steps, > 0, "> 0 (steps <= 0 derives steps from the token budget in flow mode only)");
   NEED_INT(log_every, > 0, "> 0");
   NEED_INT(checkpoint_every, >= 0, ">= 0");

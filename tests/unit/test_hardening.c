@@ -4,7 +4,9 @@
  * - viz HTTP server: a NUL byte in the request head used to crash the
  *   server (NULL line end in parse_request); now answered 400.
  * - metrics: a NaN value (SQLite binds it as NULL into a NOT NULL column)
- *   made every later flush fail, and train.c dies on a failed flush. */
+ *   made every later flush fail, and train.c dies on a failed flush.
+ * - config: int64 shape fields above INT_MAX wrapped when narrowed to int
+ *   (dim = 2^32 + 32 trained a dim-32 model); batch_size x seq_len too. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -21,6 +23,7 @@
 #include <sys/time.h>
 #include <unistd.h>
 
+#include "core/config.h"
 #include "core/log.h"
 #include "train/metrics.h"
 #include "viz/http.h"
@@ -117,9 +120,32 @@ static void test_metrics_nan_does_not_poison_flush(void **state) {
   metrics_close(m);
 }
 
+/* ----------------------------------------------------------------- config */
+
+static void config_refuses(const char *arg, const char *want) {
+  Config c;
+  char err[512] = "", *argv[] = {(char *)arg};
+  int rc = config_load(&c, "configs/tiny.toml", 1, argv, err, sizeof err);
+  config_free(&c);
+  if (rc == 0 || !strstr(err, want)) fail_msg("%s: expected '%s', got '%s'", arg, want, rc ? err : "(loaded)");
+}
+
+static void test_config_int_narrowing(void **state) {
+  config_refuses("--dim=4294967328", "dim must be <= 2147483647 (got 4294967328)");
+  config_refuses("--n_routed_experts=4294967304", "n_routed_experts must be <= 2147483647");
+  config_refuses("--vocab_size=4294967296", "vocab_size must be <= 2147483647");
+  config_refuses("--batch_size=4611686018427387904", "batch_size must be <= 2147483647");
+  config_refuses("--batch_size=1073741824", "batch_size x seq_len");
+  Config c;
+  char err[512];
+  if (config_load(&c, "configs/tiny.toml", 0, NULL, err, sizeof err)) fail_msg("tiny.toml: %s", err);
+  config_free(&c);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_http_nul_in_request),
+      cmocka_unit_test(test_config_int_narrowing),
       cmocka_unit_test_setup_teardown(test_metrics_nan_does_not_poison_flush, tmpdir_setup, tmpdir_teardown),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
