@@ -775,11 +775,27 @@ static void api_experiments(const VizConfig *c, const char *query, HttpResponse 
   respond_json(r, &w);
 }
 
-/* A JSON text column embedded as a value when it parses, else as a string. */
+/* Nesting depth of a parsed document (a scalar is 0). */
+static int json_depth(const Json *j) {
+  int d = 0;
+  for (int i = 0; i < j->n; i++) {
+    int c = json_depth(j->items[i]);
+    if (c > d) d = c;
+  }
+  return j->type == JSON_ARR || j->type == JSON_OBJ ? d + 1 : 0;
+}
+
+/* A JSON text column embedded as a value when it parses, else as a string.
+ * The writer nests at most 63 levels (the parser accepts 200): a deeper
+ * document goes in as a string rather than failing its assertion. */
 static void jw_json_column(JsonW *w, const char *key, sqlite3_stmt *st, int i) {
   const char *s = column_str(st, i);
   char err[256];
   Json *j = s ? json_parse(s, strlen(s), err, sizeof err) : NULL;
+  if (j && w->depth + json_depth(j) >= (int)(sizeof w->first / sizeof w->first[0]) - 1) {
+    json_free(j);
+    j = NULL;
+  }
   if (j) {
     char *canon = json_dump(j);
     jw_raw(w, key, canon);

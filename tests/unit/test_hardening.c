@@ -6,7 +6,9 @@
  * - metrics: a NaN value (SQLite binds it as NULL into a NOT NULL column)
  *   made every later flush fail, and train.c dies on a failed flush.
  * - config: int64 shape fields above INT_MAX wrapped when narrowed to int
- *   (dim = 2^32 + 32 trained a dim-32 model); batch_size x seq_len too. */
+ *   (dim = 2^32 + 32 trained a dim-32 model); batch_size x seq_len too.
+ * - viz: a runs row whose config_json nests deeper than the JSON writer's
+ *   63 levels ended the server through an assertion; now sent as a string. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -24,9 +26,11 @@
 #include <unistd.h>
 
 #include "core/config.h"
+#include "core/json.h"
 #include "core/log.h"
 #include "train/metrics.h"
 #include "viz/http.h"
+#include "viz/viz.h"
 
 #include "tmpdir_fixture.h"
 
@@ -142,10 +146,44 @@ static void test_config_int_narrowing(void **state) {
   config_free(&c);
 }
 
+/* -------------------------------------------------------------------- viz */
+
+static void test_viz_deep_config_json(void **state) {
+  Fixture *f = *state;
+  char err[1024], deep[200], shallow[] = "[[[1]]]";
+  memset(deep, '[', 70);
+  memset(deep + 70, ']', 70);
+  deep[140] = 0;
+  const char *db = at(f->dir, "experiments.db");
+  Experiments *x = experiments_open(db, err, sizeof err);
+  if (!x || experiments_run_start(x, "deep", "e", deep, "abc", 0, err, sizeof err) ||
+      experiments_run_start(x, "shallow", "e", shallow, "abc", 0, err, sizeof err))
+    fail_msg("%s", err);
+  experiments_close(x);
+  VizConfig cfg = {f->dir, db};
+  const char *runs[] = {"deep", "shallow"};
+  for (int k = 0; k < 2; k++) {
+    char target[64];
+    snprintf(target, sizeof target, "/api/experiments/run?run=%s", runs[k]);
+    HttpResponse r = {0};
+    viz_handle(&cfg, "GET", target, &r);
+    assert_int_equal(r.status, 200);
+    Json *j = json_parse(r.body, r.len, err, sizeof err);
+    if (!j) fail_msg("%s", err);
+    const Json *c = json_get(json_get(j, "run"), "config_json");
+    assert_non_null(c);
+    if (k == 0) assert_string_equal(json_get_str(json_get(j, "run"), "config_json", ""), deep);
+    else assert_int_equal(c->type, JSON_ARR);
+    json_free(j);
+    if (!r.body_static) free(r.body);
+  }
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_http_nul_in_request),
       cmocka_unit_test(test_config_int_narrowing),
+      cmocka_unit_test_setup_teardown(test_viz_deep_config_json, tmpdir_setup, tmpdir_teardown),
       cmocka_unit_test_setup_teardown(test_metrics_nan_does_not_poison_flush, tmpdir_setup, tmpdir_teardown),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
