@@ -367,7 +367,7 @@ void jw_init(JsonW *w, int indent) {
 static void w_open(JsonW *w, const char *key, const char *br) {
   w_member(w, key);
   w_puts(w, br);
-  NMOE_ASSERT(w->depth < 63);
+  NMOE_ASSERT(w->depth < 255);
   w->first[++w->depth] = true;
 }
 

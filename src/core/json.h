@@ -45,7 +45,7 @@ typedef struct JsonW {
   char *buf;
   size_t len, cap;
   int depth;
-  bool first[64]; /* no member written yet at this depth */
+  bool first[256]; /* no member written yet at this depth (> the reader's 200 levels) */
   int indent;     /* 0 = compact; >0 pretty-prints with this many spaces */
 } JsonW;
 

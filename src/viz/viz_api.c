@@ -348,7 +348,12 @@ static int runs_from_experiments(const VizConfig *c, RunList *l, char *err, size
   if (st && rc != SQLITE_DONE) snprintf(err, errlen, "%s: %s", c->experiments_db, sqlite3_errmsg(db));
   sqlite3_finalize(st);
   sqlite3_close(db);
-  return rc == SQLITE_DONE ? 0 : -1;
+  if (rc == SQLITE_DONE) return 0;
+  free(*xs); /* no partial series on error */
+  free(*ys);
+  *xs = *ys = NULL;
+  *n = 0;
+  return -1;
 }
 
 /* Last step and time of a run: its train/loss (one index seek), else any tag. */
@@ -489,7 +494,12 @@ static int read_series(const char *path, const char *run, const char *tag, doubl
   if (st && rc != SQLITE_DONE) snprintf(err, errlen, "%s: %s", path, sqlite3_errmsg(db));
   sqlite3_finalize(st);
   sqlite3_close(db);
-  return rc == SQLITE_DONE ? 0 : -1;
+  if (rc == SQLITE_DONE) return 0;
+  free(*xs); /* no partial series on error */
+  free(*ys);
+  *xs = *ys = NULL;
+  *n = 0;
+  return -1;
 }
 
 static void api_series(const VizConfig *c, const char *query, HttpResponse *r) {
