@@ -348,12 +348,7 @@ static int runs_from_experiments(const VizConfig *c, RunList *l, char *err, size
   if (st && rc != SQLITE_DONE) snprintf(err, errlen, "%s: %s", c->experiments_db, sqlite3_errmsg(db));
   sqlite3_finalize(st);
   sqlite3_close(db);
-  if (rc == SQLITE_DONE) return 0;
-  free(*xs); /* no partial series on error */
-  free(*ys);
-  *xs = *ys = NULL;
-  *n = 0;
-  return -1;
+  return rc == SQLITE_DONE ? 0 : -1;
 }
 
 /* Last step and time of a run: its train/loss (one index seek), else any tag. */
