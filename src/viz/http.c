@@ -15,6 +15,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <strings.h>
 #include <sys/socket.h>
 #include <sys/time.h>
@@ -142,12 +143,21 @@ static void send_response(int fd, HttpResponse *r, int head_only) {
   r->body = NULL;
 }
 
+/* Seconds a client gets to send its whole request head: the socket timeout
+ * bounds each read, this bounds their sum (a byte every few seconds cannot
+ * hold a connection). */
+#define HEAD_DEADLINE_S 20
+
 /* Reads until the blank line ending the headers; buf gets them
  * NUL-terminated. 0 ok, 1 too large, 2 a NUL byte (the string parsing
  * below would stop short of the line ends), -1 closed or timed out. */
 static int read_head(int fd, char *buf, size_t cap) {
   size_t n = 0;
+  struct timespec t0, now;
+  clock_gettime(CLOCK_MONOTONIC, &t0);
   for (;;) {
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    if (now.tv_sec - t0.tv_sec >= HEAD_DEADLINE_S) return -1;
     if (n == cap - 1) return 1;
     ssize_t k = recv(fd, buf + n, cap - 1 - n, 0);
     if (k < 0 && errno == EINTR) continue;
