@@ -68,6 +68,33 @@ static void transpose(real_t *t, const real_t *m, int r, int c) {
     for (int j = 0; j < c; j++) t[(size_t)j * r + i] = m[(size_t)i * c + j];
 }
 
+/* gemm in all four transpose forms on a 37 x 300 x 19 problem (more than one
+ * tile in every direction) against a double triple loop; each element within
+ * rel_tol of the sum of |terms| (plus abs_tol). */
+static void check_gemm_transposes(uint64_t s, double rel_tol, double abs_tol) {
+  seed(s);
+  int M = 37, N = 300, K = 19;
+  real_t *A = rbuf((size_t)M * K, 1), *B = rbuf((size_t)K * N, 1);
+  real_t *At = zbuf((size_t)M * K), *Bt = zbuf((size_t)K * N), *C = zbuf((size_t)M * N);
+  transpose(At, A, M, K);
+  transpose(Bt, B, K, N);
+  for (int ta = 0; ta < 2; ta++)
+    for (int tb = 0; tb < 2; tb++) {
+      be->gemm(be, C, ta ? At : A, tb ? Bt : B, M, N, K, ta, tb, 1.0f, 0.0f, 0);
+      for (int i = 0; i < M; i++)
+        for (int j = 0; j < N; j++) {
+          double sum = 0, mag = 0;
+          for (int k = 0; k < K; k++) {
+            sum += (double)A[i * K + k] * B[k * N + j];
+            mag += fabs((double)A[i * K + k] * B[k * N + j]);
+          }
+          if (fabs(C[i * N + j] - sum) > rel_tol * mag + abs_tol)
+            fail_msg("gemm ta=%d tb=%d [%d,%d]: %.17g vs %.17g", ta, tb, i, j, (double)C[i * N + j], sum);
+        }
+    }
+  bfree(A), bfree(B), bfree(At), bfree(Bt), bfree(C);
+}
+
 /* Naive reference: full score matrix with the mask, softmax, weighted sum. */
 static void attn_naive(double *o, double *lse, const real_t *q, const real_t *k, const real_t *v,
                        const AttnShape *s) {
