@@ -4,9 +4,11 @@
 
 #include <dirent.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <time.h>
@@ -48,6 +50,7 @@ struct ShardWriter {
   int64_t tokens, documents;
   int slow_write;   /* NMOE_TEST_SLOW_WRITE: lets tests kill a prep mid-write */
   int root_written;
+  int lock_fd;      /* flock on <output>/.nmoe-prep.lock: one writer per output */
 };
 
 int shard_bucket(const char *doc_id, size_t len, int num_buckets) {
@@ -112,8 +115,21 @@ static int prepare_output(ShardWriter *w, char *err, size_t errlen) {
     snprintf(err, errlen, "output directory %s is not writable: %s", w->output, strerror(errno));
     return -1;
   }
-  /* The root manifest goes first: from here on the output reads as incomplete. */
+  /* Two preps into one directory would delete each other's shards: the second
+   * one stops before touching anything. The kernel drops the lock on any exit. */
   char p[4200];
+  snprintf(p, sizeof p, "%s/.nmoe-prep.lock", w->output);
+  w->lock_fd = open(p, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  if (w->lock_fd < 0) {
+    snprintf(err, errlen, "cannot create %s: %s", p, strerror(errno));
+    return -1;
+  }
+  if (flock(w->lock_fd, LOCK_EX | LOCK_NB)) {
+    snprintf(err, errlen, "output directory %s is being written by another prep (%s is locked)",
+             w->output, p);
+    return -1;
+  }
+  /* The root manifest goes first: from here on the output reads as incomplete. */
   snprintf(p, sizeof p, "%s/manifest.json", w->output);
   if (unlink(p) && errno != ENOENT) {
     snprintf(err, errlen, "cannot remove old %s: %s", p, strerror(errno));
@@ -158,6 +174,7 @@ ShardWriter *shard_writer_open(const ShardWriterConfig *cfg, char *err, size_t e
   w->tokenizer = xstrdup(cfg->tokenizer);
   w->source = xstrdup(cfg->source ? cfg->source : "");
   w->cfg = *cfg;
+  w->lock_fd = -1;
   w->buckets = xcalloc((size_t)cfg->num_buckets, sizeof *w->buckets);
   /* one open shard per bucket: lift the soft open-file limit (1024 buckets) */
   struct rlimit rl;
@@ -337,6 +354,7 @@ static void free_writer(ShardWriter *w) {
     free(b);
   }
   free(w->buckets);
+  if (w->lock_fd >= 0) close(w->lock_fd);
   free(w->output);
   free(w->name);
   free(w->version);

