@@ -50,7 +50,7 @@ struct ShardWriter {
   int64_t tokens, documents;
   int slow_write;   /* NMOE_TEST_SLOW_WRITE: lets tests kill a prep mid-write */
   int root_written;
-  int lock_fd;      /* flock on <output>/.nmoe-prep.lock: one writer per output */
+  int lock_fd;      /* flock on the output directory: one writer per output */
 };
 
 int shard_bucket(const char *doc_id, size_t len, int num_buckets) {
@@ -116,19 +116,18 @@ static int prepare_output(ShardWriter *w, char *err, size_t errlen) {
     return -1;
   }
   /* Two preps into one directory would delete each other's shards: the second
-   * one stops before touching anything. The kernel drops the lock on any exit. */
-  char p[4200];
-  snprintf(p, sizeof p, "%s/.nmoe-prep.lock", w->output);
-  w->lock_fd = open(p, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+   * one stops before touching anything. The lock is on the directory itself (no
+   * file left behind), and the kernel drops it on any exit. */
+  w->lock_fd = open(w->output, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   if (w->lock_fd < 0) {
-    snprintf(err, errlen, "cannot create %s: %s", p, strerror(errno));
+    snprintf(err, errlen, "cannot open output directory %s: %s", w->output, strerror(errno));
     return -1;
   }
   if (flock(w->lock_fd, LOCK_EX | LOCK_NB)) {
-    snprintf(err, errlen, "output directory %s is being written by another prep (%s is locked)",
-             w->output, p);
+    snprintf(err, errlen, "output directory %s is being written by another prep", w->output);
     return -1;
   }
+  char p[4200];
   /* The root manifest goes first: from here on the output reads as incomplete. */
   snprintf(p, sizeof p, "%s/manifest.json", w->output);
   if (unlink(p) && errno != ENOENT) {
