@@ -35,7 +35,7 @@ CU_O    := $(CU_SRC:%.cu=$(BUILD)/%.o)
 NVFLAGS := -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -Isrc -lineinfo \
            -Xcompiler -fPIC,-Wall -Wno-deprecated-gpu-targets $(EXTRA_NVFLAGS)
 CFLAGS  += -DNMOE_CUDA -I$(CUDA_HOME)/include
-LDLIBS  += -L$(CUDA_HOME)/lib64 -lcudart -lcublasLt -lcublas -lstdc++ -Wl,-rpath,$(CUDA_HOME)/lib64
+LDLIBS  += -L$(CUDA_HOME)/lib64 -lcudart -lcublasLt -lcublas -lnccl -lstdc++ -Wl,-rpath,$(CUDA_HOME)/lib64
 LIB_O   += $(CU_O)
 F64_O   += $(CU_O)
 endif
