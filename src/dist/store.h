@@ -19,4 +19,9 @@ int store_all_gather(Store *s, void *out, const void *in, size_t bytes, char *er
 int store_barrier(Store *s, char *err, size_t errlen);
 void store_close(Store *s);
 
+/* A port p such that p .. p+span-1 (span <= 8) can be bound right now (the
+ * launcher's MASTER_PORT and the store's port next to it; tests); -1 when
+ * none is found. */
+int store_pick_port(int span);
+
 #endif
