@@ -6,6 +6,7 @@
 #include "core/log.h"
 #include "data/data_cli.h"
 #include "data/tokenizer.h"
+#include "dist/launch.h"
 #include "train/ckpt.h"
 #include "train/train.h"
 #include "viz/viz.h"
@@ -45,6 +46,7 @@ static const Command COMMANDS[] = {
     {"data", data_main, "prepare, verify and inspect token shards (prep|verify|info|inspect|regenerate-index)"},
     {"ckpt", ckpt_main, "inspect checkpoints (list|info|verify)"},
     {"bench", bench_main, "benchmarks printing one JSON line per measurement (tokenizer, train)"},
+    {"launch", launch_main, "run N ranks of a command on this host: nmoe launch -n N [--] CMD [ARGS...]"},
     {"viz", viz_main, "metrics dashboard over HTTP: nmoe viz [--metrics-dir DIR] [--port N]"},
     {"version", version_main, "print the version and compiled backends"},
 };

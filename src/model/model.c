@@ -104,11 +104,15 @@ static void build_table(Model *m) {
       lp->gate = add_w(t, l, "ffn.router.gate.weight", d->E, d->D, OWN_DENSE, GROUP_ROUTER,
                        INIT_TRUNC_NORMAL, out_std);
       char name[96];
-      int64_t s13[3] = {d->E, d->D, 2 * (int64_t)d->Fm}, s2[3] = {d->E, d->Fm, d->D};
+      /* this rank's experts only: [E_local, ...], the slice ep_rank of [E, ...] */
+      const int64_t El = m->E_local;
+      int64_t s13[3] = {El, d->D, 2 * (int64_t)d->Fm}, s2[3] = {El, d->Fm, d->D};
       snprintf(name, sizeof name, "layers.%d.ffn.experts.w13", l);
       lp->exp_w13 = params_add(t, name, 3, s13, OWN_EXPERT, GROUP_EXPERT, INIT_TRUNC_NORMAL, out_std);
       snprintf(name, sizeof name, "layers.%d.ffn.experts.w2", l);
       lp->exp_w2 = params_add(t, name, 3, s2, OWN_EXPERT, GROUP_EXPERT, INIT_TRUNC_NORMAL, out_std);
+      t->p[lp->exp_w13].init_base = (size_t)m->ep_rank * t->p[lp->exp_w13].numel;
+      t->p[lp->exp_w2].init_base = (size_t)m->ep_rank * t->p[lp->exp_w2].numel;
       if (d->Fs > 0) {
         lp->sh_w1 = add_w(t, l, "ffn.shared.w1.weight", d->Fs, d->D, OWN_DENSE, GROUP_DECAY,
                           INIT_TRUNC_NORMAL, in_std);
@@ -157,12 +161,19 @@ static void init_params(Model *m) {
   free(host);
 }
 
-Model *model_create(const Config *cfg, Backend *be) {
+Model *model_create(const Config *cfg, Backend *be, Comm *comm) {
   Model *m = xcalloc(1, sizeof *m);
   m->cfg = *cfg;
   m->be = be;
+  m->comm = comm && comm->world > 1 ? comm : NULL;
   m->d = model_dims(cfg);
   const ModelDims *d = &m->d;
+  m->ep_rank = m->comm ? m->comm->rank : 0;
+  m->ep_world = m->comm ? m->comm->world : 1;
+  if (d->E > 0 && d->L > d->n_dense && d->E % m->ep_world)
+    nmoe_fatal("n_routed_experts (%d) must be divisible by the world size (%d): each rank owns "
+               "the same number of experts", d->E, m->ep_world);
+  m->E_local = d->E / m->ep_world;
   if (d->D <= 0 || d->L <= 0 || d->H <= 0 || d->V <= 0)
     nmoe_fatal("model dimensions must be positive (dim=%d n_layers=%d n_heads=%d vocab_size=%d)",
                d->D, d->L, d->H, d->V);
@@ -185,6 +196,11 @@ Model *model_create(const Config *cfg, Backend *be) {
   m->counts_host = xcalloc(nb, sizeof(int32_t));
   m->imp_host = xcalloc(nb, sizeof(double));
   m->off_host = xcalloc((size_t)d->E + 1, sizeof(int32_t));
+  if (m->comm && m->n_moe > 0) {
+    m->ep_counts = xcalloc((size_t)m->n_moe * m->ep_world * d->E, sizeof(int32_t));
+    m->ep_plan = xcalloc((size_t)m->n_moe, sizeof *m->ep_plan);
+    for (int l = 0; l < m->n_moe; l++) ep_plan_init(&m->ep_plan[l], m->ep_rank, m->ep_world, d->E);
+  }
   init_params(m);
   return m;
 }

@@ -21,6 +21,8 @@
 
 #include "backend/backend.h"
 #include "core/config.h"
+#include "dist/comm.h"
+#include "model/ep_plan.h"
 #include "model/params.h"
 
 /* Dimensions derived from the config. */
@@ -47,12 +49,29 @@ typedef struct LayerParams {
   int window;                          /* 0 = global attention */
 } LayerParams;
 
-typedef struct LayerActs LayerActs; /* model.c */
+typedef struct LayerActs LayerActs; /* model_step.c */
+
+/* A backend buffer that grows (never shrinks) to the rows a step needs: the
+ * rows an expert-parallel rank receives vary from step to step. */
+typedef struct GrowBuf {
+  void *p;
+  size_t bytes;
+} GrowBuf;
+
+/* Rows at the experts of one MoE layer: what the backward needs of them. */
+typedef struct ExpertRows {
+  GrowBuf x, gu, h; /* [R, D], [R, 2Fm], [R, Fm] */
+} ExpertRows;
 
 typedef struct Model {
   Config cfg; /* copy; strings borrowed from the caller's Config */
   ModelDims d;
   Backend *be;
+  /* Ranks of the run (NULL: one process). Dense weights are replicated and
+   * their gradients summed over ranks; routed experts are split: this rank
+   * owns experts [ep_rank*E_local, (ep_rank+1)*E_local) (RDEP). */
+  Comm *comm;
+  int ep_rank, ep_world, E_local;
   ParamTable pt;
   LayerParams *lp;
   int embedding, final_norm, lm_head;
@@ -85,24 +104,37 @@ typedef struct Model {
   int32_t *counts_host;
   double *imp_host;
   int32_t *off_host;         /* [E+1] scratch for grouped GEMMs */
+  /* Expert parallelism (ep_world > 1): each layer's all-gathered counts
+   * [n_moe, world, E], its exchange plan, the symmetric receive buffers
+   * (ep_in [world*N*K, D] at the owners, ep_ret [N*K, D] at the sources) and
+   * scratch for rows at the experts. */
+  int32_t *ep_counts;
+  EpPlan *ep_plan;           /* [n_moe] */
+  void *ep_in, *ep_ret;
+  size_t ep_M;               /* rows (N*K) the symmetric buffers were sized for */
+  ExpertRows *ep_rows;       /* [n_moe], or one shared with recompute_experts */
+  GrowBuf ep_s1, ep_s2;      /* [R, 2Fm], [R, max(Fm, D)] */
   double last_aux_loss;
   int64_t last_n_valid;
 } Model;
 
 /* Builds the table, allocates parameters/optimizer state on be and initialises
- * them from cfg->seed. Fatal on inconsistent dimensions. */
-Model *model_create(const Config *cfg, Backend *be);
+ * them from cfg->seed (every rank's expert shard equals that slice of the
+ * one-process model). comm: the run's ranks, or NULL for one process. Fatal on
+ * inconsistent dimensions. */
+Model *model_create(const Config *cfg, Backend *be, Comm *comm);
 void model_free(Model *m);
 ModelDims model_dims(const Config *cfg);
 
-/* Forward + backward of one batch: inputs/targets are host int32 [B*T].
- * Zeroes and fills m->grads. Returns the mean cross-entropy over non-masked
- * targets (the aux loss, when enabled, is in m->last_aux_loss and included in
- * the gradients). n_valid_total: kept targets over all ranks (the divisor of
- * the mean; pass 0 to use this batch's count). */
-double model_train_step_grads(Model *m, const int32_t *inputs, const int32_t *targets, int B, int T,
-                              int64_t n_valid_total);
-/* Forward only: returns the summed loss over kept targets and their count. */
+/* Forward + backward of one batch: inputs/targets are host int32 [B*T] (this
+ * rank's slice of the global batch). Zeroes and fills m->grads; with several
+ * ranks the dense gradients are summed over ranks, so every rank holds the
+ * gradient of the global batch. Returns the mean cross-entropy over the
+ * non-masked targets of the global batch (the aux loss, when enabled, is in
+ * m->last_aux_loss and included in the gradients). Collective. */
+double model_train_step_grads(Model *m, const int32_t *inputs, const int32_t *targets, int B, int T);
+/* Forward only: returns the summed loss over kept targets and their count,
+ * both over all ranks. Collective. */
 double model_eval_loss(Model *m, const int32_t *inputs, const int32_t *targets, int B, int T,
                        int64_t *n_valid);
 

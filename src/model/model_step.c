@@ -24,7 +24,10 @@ struct LayerActs {
   void *scores, *w;                  /* moe: F32 [N,E], F32 [N,K] */
   void *idx, *counts, *off, *row_of, *pair_of; /* I32 [N,K], [E], [E+1], [N*K], [N*K] */
   void *imp;                         /* F32 [E] */
-  void *xe, *gu_e, *h_e, *ye;        /* [M,D], [M,2Fm], [M,Fm], [M,D] */
+  void *xe, *gu_e, *h_e, *ye;        /* [M,D], [M,2Fm], [M,Fm], [M,D]; with expert
+                                        parallelism xe is scratch and gu_e/h_e
+                                        live at the owners (Model.ep_rows) */
+  void *off_r;                       /* I32 [E_local+1]: owner-side expert ranges */
   void *gu_s, *h_s;                  /* shared: [N,2Fs], [N,Fs] */
 };
 
@@ -100,9 +103,35 @@ static void get_f32_as_double(Backend *be, double *out, const void *src, size_t 
 
 static size_t max_sz(size_t a, size_t b) { return a > b ? a : b; }
 
+/* Grows gb to at least bytes (contents are not kept). */
+static void *grow(Model *m, GrowBuf *gb, size_t bytes) {
+  if (bytes > gb->bytes) {
+    if (gb->p) m->be->free(m->be, gb->p);
+    gb->bytes = bytes + bytes / 4; /* headroom: routing varies from step to step */
+    gb->p = m->be->alloc(m->be, gb->bytes);
+  }
+  return gb->p;
+}
+
+static void grow_free(Model *m, GrowBuf *gb) {
+  if (gb->p) m->be->free(m->be, gb->p);
+  gb->p = NULL;
+  gb->bytes = 0;
+}
+
 static void free_acts(Model *m) {
   for (int i = 0; i < m->n_owned; i++) m->be->free(m->be, m->owned[i]);
   m->n_owned = 0;
+  const int n_rows = m->cfg.recompute_experts ? 1 : m->n_moe;
+  for (int i = 0; m->ep_rows && i < n_rows; i++) {
+    grow_free(m, &m->ep_rows[i].x);
+    grow_free(m, &m->ep_rows[i].gu);
+    grow_free(m, &m->ep_rows[i].h);
+  }
+  free(m->ep_rows);
+  m->ep_rows = NULL;
+  grow_free(m, &m->ep_s1);
+  grow_free(m, &m->ep_s2);
   free(m->acts);
   m->acts = NULL;
 }
@@ -165,10 +194,15 @@ static void ensure_acts(Model *m, int B, int T) {
       a->row_of = alloc_kind(m, BUF_I32, M);
       a->pair_of = alloc_kind(m, BUF_I32, M);
       a->imp = alloc_kind(m, BUF_F32, d->E);
-      a->xe = act_buf(m, &sh.xe, re, BUF_ACT, M * d->D);
-      a->gu_e = act_buf(m, &sh.gu_e, re, BUF_ACT, M * 2 * d->Fm);
-      a->h_e = act_buf(m, &sh.h_e, re, BUF_ACT, M * d->Fm);
       a->ye = act_buf(m, &sh.ye, re, BUF_ACT, M * d->D);
+      if (m->comm) {
+        a->xe = act_buf(m, &sh.xe, 1, BUF_ACT, M * d->D); /* sent at once: scratch */
+        a->off_r = alloc_kind(m, BUF_I32, (size_t)m->E_local + 1);
+      } else {
+        a->xe = act_buf(m, &sh.xe, re, BUF_ACT, M * d->D);
+        a->gu_e = act_buf(m, &sh.gu_e, re, BUF_ACT, M * 2 * d->Fm);
+        a->h_e = act_buf(m, &sh.h_e, re, BUF_ACT, M * d->Fm);
+      }
       if (d->Fs > 0) {
         a->gu_s = act_buf(m, &sh.gu_s, re, BUF_ACT, N * 2 * d->Fs);
         a->h_s = act_buf(m, &sh.h_s, re, BUF_ACT, N * d->Fs);
@@ -179,6 +213,17 @@ static void ensure_acts(Model *m, int B, int T) {
     }
   }
   big = max_sz(big, M * (m->be->size[BUF_F32] / m->be->size[BUF_ACT] + 1));
+  if (m->comm && m->n_moe > 0) {
+    m->ep_rows = xcalloc(re ? 1 : (size_t)m->n_moe, sizeof *m->ep_rows);
+    /* Symmetric buffers live until the comm is destroyed; a larger batch shape
+     * takes new ones (all ranks change shape together). */
+    if (M > m->ep_M) {
+      const size_t row = (size_t)d->D * m->be->size[BUF_ACT];
+      m->ep_in = m->comm->sym_alloc(m->comm, (size_t)m->ep_world * M * row);
+      m->ep_ret = m->comm->sym_alloc(m->comm, M * row);
+      m->ep_M = M;
+    }
+  }
   build_rope(m, T);
   m->tok_in = alloc_kind(m, BUF_I32, N);
   m->tok_tgt = alloc_kind(m, BUF_I32, N);
@@ -204,6 +249,9 @@ void model_free(Model *m) {
   free(m->counts_host);
   free(m->imp_host);
   free(m->off_host);
+  for (int l = 0; m->ep_plan && l < m->n_moe; l++) ep_plan_free(&m->ep_plan[l]);
+  free(m->ep_plan);
+  free(m->ep_counts);
   free(m->owned);
   free(m->lp);
   params_free(&m->pt);
@@ -211,6 +259,8 @@ void model_free(Model *m) {
 }
 
 static void *W(Model *m, int p) { return model_ptr(m, m->params, p); }
+
+_Static_assert(GROUP_EXPERT == N_GROUPS - 1, "the gradient all-reduce covers the groups before experts");
 
 /* Names the time that follows (per-phase breakdown in `nmoe bench train`). */
 static void phase(Model *m, const char *name) {
@@ -356,23 +406,68 @@ static void attn_backward(Model *m, int l, const void *x) {
 
 /* ---------------------------------------------------------------- ffn */
 
-/* Routed experts (xe, gu_e, h_e, ye) and the shared experts' hidden (gu_s,
- * h_s) from xn2 and the routing of this layer's forward; m->off_host must hold
- * the layer's offsets. Run in forward, and again in backward when
- * recompute_experts. */
+/* The routed experts on R rows grouped by expert (nE experts, ranges off on
+ * the device and offh on the host): gu = x W13, h = swiglu(gu), y = h W2. */
+static void expert_rows_fwd(Model *m, const LayerParams *lp, void *y, void *h, void *gu,
+                            const void *x, const void *off, const int32_t *offh, int nE, int R) {
+  Backend *be = m->be;
+  const ModelDims *d = &m->d;
+  if (R == 0) return;
+  be->grouped_gemm(be, GG_FWD, gu, x, W(m, lp->exp_w13), off, offh, nE, R, 2 * d->Fm, d->D);
+  be->swiglu_fwd(be, h, gu, R, d->Fm);
+  be->grouped_gemm(be, GG_FWD, y, h, W(m, lp->exp_w2), off, offh, nE, R, d->D, d->Fm);
+}
+
+/* Backward of expert_rows_fwd: dy [R, D] in, dx [R, D] out (dx may alias dy or
+ * dh: each is dead when dx is written); weight gradients accumulate. */
+static void expert_rows_bwd(Model *m, const LayerParams *lp, void *dx, void *dgu, void *dh,
+                            const void *dy, const void *x, const void *gu, const void *h,
+                            const void *off, const int32_t *offh, int nE, int R) {
+  Backend *be = m->be;
+  const ModelDims *d = &m->d;
+  if (R == 0) return;
+  be->grouped_gemm(be, GG_DX, dh, dy, W(m, lp->exp_w2), off, offh, nE, R, d->D, d->Fm);
+  be->grouped_gemm(be, GG_DW, G(m, lp->exp_w2), h, dy, off, offh, nE, R, d->D, d->Fm);
+  be->swiglu_bwd(be, dgu, dh, gu, R, d->Fm);
+  be->grouped_gemm(be, GG_DX, dx, dgu, W(m, lp->exp_w13), off, offh, nE, R, 2 * d->Fm, d->D);
+  be->grouped_gemm(be, GG_DW, G(m, lp->exp_w13), x, dgu, off, offh, nE, R, 2 * d->Fm, d->D);
+}
+
+static ExpertRows *ep_rows_of(Model *m, int li) {
+  return &m->ep_rows[m->cfg.recompute_experts ? 0 : li];
+}
+
+/* Routed experts (ye) and shared experts (gu_s, h_s) from xn2 and the routing
+ * of this layer's forward; m->off_host (one process) or the layer's EpPlan
+ * must hold its offsets. Run in forward, and again in backward when
+ * recompute_experts. With expert parallelism the sorted rows travel to their
+ * experts' owners and the results come back (RDEP puts). */
 static void experts_forward(Model *m, int l) {
   Backend *be = m->be;
   const ModelDims *d = &m->d;
   const LayerParams *lp = &m->lp[l];
   LayerActs *a = &m->acts[l];
-  const int N = m->B * m->T, M = N * d->K, E = d->E;
+  const int N = m->B * m->T, M = N * d->K;
   phase(m, "moe.experts_fwd");
   be->moe_gather(be, a->xe, a->xn2, a->pair_of, N, d->K, d->D);
-  be->grouped_gemm(be, GG_FWD, a->gu_e, a->xe, W(m, lp->exp_w13), a->off, m->off_host, E, M,
-                   2 * d->Fm, d->D);
-  be->swiglu_fwd(be, a->h_e, a->gu_e, M, d->Fm);
-  be->grouped_gemm(be, GG_FWD, a->ye, a->h_e, W(m, lp->exp_w2), a->off, m->off_host, E, M, d->D,
-                   d->Fm);
+  if (!m->comm) {
+    expert_rows_fwd(m, lp, a->ye, a->h_e, a->gu_e, a->xe, a->off, m->off_host, d->E, M);
+  } else {
+    const EpPlan *p = &m->ep_plan[lp->moe_index];
+    ExpertRows *er = ep_rows_of(m, lp->moe_index);
+    const size_t R = (size_t)p->recv_rows, sa = be->size[BUF_ACT], row = (size_t)d->D * sa;
+    phase(m, "moe.dispatch");
+    m->comm->put_rows(m->comm, m->ep_in, a->xe, row, p->to_owner, p->n_to_owner);
+    phase(m, "moe.experts_fwd");
+    void *x = grow(m, &er->x, R * row);
+    be->copy(be, x, m->ep_in, R * row);
+    void *y = grow(m, &m->ep_s2, R * (size_t)(d->Fm > d->D ? d->Fm : d->D) * sa);
+    expert_rows_fwd(m, lp, y, grow(m, &er->h, R * d->Fm * sa), grow(m, &er->gu, R * 2 * d->Fm * sa),
+                    x, a->off_r, p->recv_off, m->E_local, (int)R);
+    phase(m, "moe.return");
+    m->comm->put_rows(m->comm, m->ep_ret, y, row, p->to_source, p->n_to_source);
+    be->copy(be, a->ye, m->ep_ret, (size_t)M * row);
+  }
   phase(m, "moe.shared_fwd");
   if (d->Fs > 0) {
     be->gemm(be, a->gu_s, a->xn2, W(m, lp->sh_w1), N, 2 * d->Fs, d->D, 0, 1, 1, 0, 0);
@@ -404,6 +499,19 @@ static void ffn_forward(Model *m, int l, const void *x, void *y) {
     be->download(be, m->off_host, a->off, (size_t)(E + 1) * sizeof(int32_t));
     int32_t *cnt = m->counts_host + (size_t)li * E;
     for (int e = 0; e < E; e++) cnt[e] = m->off_host[e + 1] - m->off_host[e];
+    if (m->comm) {
+      /* every rank's counts: the exchange plan, and loads over all ranks */
+      int32_t *all = m->ep_counts + (size_t)li * m->ep_world * E;
+      m->comm->all_gather_host(m->comm, all, cnt, (size_t)E * sizeof(int32_t));
+      EpPlan *p = &m->ep_plan[li];
+      ep_plan_build(p, all);
+      be->upload(be, a->off_r, p->recv_off, (size_t)(m->E_local + 1) * sizeof(int32_t));
+      for (int e = 0; e < E; e++) {
+        int64_t sum = 0;
+        for (int r = 0; r < m->ep_world; r++) sum += all[(size_t)r * E + e];
+        cnt[e] = (int32_t)sum;
+      }
+    }
     if (m->cfg.aux_loss_alpha > 0) get_f32_as_double(be, m->imp_host + (size_t)li * E, a->imp, E);
     experts_forward(m, l);
     if (d->Fs > 0) be->gemm(be, out, a->h_s, W(m, lp->sh_w2), N, d->D, d->Fs, 0, 1, 1, 0, 0);
@@ -417,14 +525,15 @@ static void ffn_forward(Model *m, int l, const void *x, void *y) {
  * fills load_frac (host [E]) and returns the loss value. */
 static double aux_loss(const Model *m, int li, float *load_frac) {
   const int E = m->d.E, N = m->B * m->T;
-  const int32_t *c = m->counts_host + (size_t)li * E;
-  const double *imp = m->imp_host + (size_t)li * E;
+  const int32_t *c = m->counts_host + (size_t)li * E; /* over all ranks */
+  const double *imp = m->imp_host + (size_t)li * E;   /* this rank's tokens */
   double loss = 0;
   for (int e = 0; e < E; e++) {
-    load_frac[e] = (float)c[e] / ((float)N * m->d.K);
+    load_frac[e] = (float)c[e] / ((float)N * m->ep_world * m->d.K);
     loss += (imp[e] / N) * load_frac[e];
   }
-  return m->cfg.aux_loss_alpha * E * loss;
+  /* this rank's share: the ranks' shares sum to the loss of the global batch */
+  return m->cfg.aux_loss_alpha * E * loss / m->ep_world;
 }
 
 /* g_res holds dL/dy on entry and dL/dx on return. */
@@ -452,15 +561,26 @@ static void ffn_backward(Model *m, int l, const void *x) {
     if (m->cfg.recompute_experts) experts_forward(m, l);
     phase(m, "moe_bwd.experts");
     be->moe_combine_bwd(be, g[0], dw, dy, a->ye, a->w, a->row_of, N, d->K, d->D);
-    be->grouped_gemm(be, GG_DX, g[1], g[0], W(m, lp->exp_w2), a->off, m->off_host, E, M, d->D, d->Fm);
-    be->grouped_gemm(be, GG_DW, G(m, lp->exp_w2), a->h_e, g[0], a->off, m->off_host, E, M, d->D,
-                     d->Fm);
-    be->swiglu_bwd(be, g[2], g[1], a->gu_e, M, d->Fm);
-    be->grouped_gemm(be, GG_DX, g[0], g[2], W(m, lp->exp_w13), a->off, m->off_host, E, M,
-                     2 * d->Fm, d->D);
-    be->grouped_gemm(be, GG_DW, G(m, lp->exp_w13), a->xe, g[2], a->off, m->off_host, E, M,
-                     2 * d->Fm, d->D);
-    be->moe_gather_bwd(be, m->g_xn, g[0], a->row_of, N, d->K, d->D, 0);
+    if (!m->comm) {
+      expert_rows_bwd(m, lp, g[0], g[2], g[1], g[0], a->xe, a->gu_e, a->h_e, a->off, m->off_host,
+                      E, M);
+      be->moe_gather_bwd(be, m->g_xn, g[0], a->row_of, N, d->K, d->D, 0);
+    } else {
+      /* dye to the owners, the experts' backward there, dx rows back */
+      const EpPlan *p = &m->ep_plan[li];
+      ExpertRows *er = ep_rows_of(m, li);
+      const size_t R = (size_t)p->recv_rows, sa = be->size[BUF_ACT], row = (size_t)d->D * sa;
+      phase(m, "moe_bwd.dispatch");
+      m->comm->put_rows(m->comm, m->ep_in, g[0], row, p->to_owner, p->n_to_owner);
+      phase(m, "moe_bwd.experts");
+      void *dgu = grow(m, &m->ep_s1, R * 2 * d->Fm * sa);
+      void *dx = grow(m, &m->ep_s2, R * (size_t)(d->Fm > d->D ? d->Fm : d->D) * sa);
+      expert_rows_bwd(m, lp, dx, dgu, dx, m->ep_in, er->x.p, er->gu.p, er->h.p, a->off_r,
+                      p->recv_off, m->E_local, (int)R);
+      phase(m, "moe_bwd.return");
+      m->comm->put_rows(m->comm, m->ep_ret, dx, row, p->to_source, p->n_to_source);
+      be->moe_gather_bwd(be, m->g_xn, m->ep_ret, a->row_of, N, d->K, d->D, 0);
+    }
     phase(m, "moe_bwd.shared_router");
     if (d->Fs > 0) {
       be->gemm(be, g[1], dy, W(m, lp->sh_w2), N, d->Fs, d->D, 0, 0, 1, 0, 0);
@@ -474,7 +594,7 @@ static void ffn_backward(Model *m, int l, const void *x) {
     if (m->cfg.aux_loss_alpha > 0) {
       float load_frac[E];
       aux_loss(m, li, load_frac);
-      aux_coef = (float)(m->cfg.aux_loss_alpha * E / N);
+      aux_coef = (float)(m->cfg.aux_loss_alpha * E / ((double)N * m->ep_world));
       load_dev = a->imp; /* the importance buffer is free again: reuse it for f */
       be->put(be, load_dev, BUF_F32, load_frac, E);
     }
@@ -519,6 +639,7 @@ static void forward_trunk(Model *m, const int32_t *inputs, const int32_t *target
   if (m->cfg.aux_loss_alpha > 0) {
     float load_frac[m->d.E > 0 ? m->d.E : 1];
     for (int li = 0; li < m->n_moe; li++) m->last_aux_loss += aux_loss(m, li, load_frac);
+    if (m->comm) m->last_aux_loss = comm_sum_f64(m->comm, m->last_aux_loss);
   }
 }
 
@@ -531,19 +652,24 @@ double model_eval_loss(Model *m, const int32_t *inputs, const int32_t *targets, 
   forward_trunk(m, inputs, targets, B, T);
   const int N = B * T;
   *n_valid = count_valid(m, targets, (size_t)N);
-  return m->be->xent(m->be, NULL, NULL, m->xf, W(m, m->lm_head), m->tok_tgt, N, m->d.D, m->d.V,
-                     (float)m->cfg.logits_scale, mask_id(m), 0);
+  double loss_sum = m->be->xent(m->be, NULL, NULL, m->xf, W(m, m->lm_head), m->tok_tgt, N, m->d.D,
+                                m->d.V, (float)m->cfg.logits_scale, mask_id(m), 0);
+  if (m->comm) {
+    *n_valid = comm_sum_i64(m->comm, *n_valid);
+    loss_sum = comm_sum_f64(m->comm, loss_sum);
+  }
+  return loss_sum;
 }
 
-double model_train_step_grads(Model *m, const int32_t *inputs, const int32_t *targets, int B, int T,
-                              int64_t n_valid_total) {
+double model_train_step_grads(Model *m, const int32_t *inputs, const int32_t *targets, int B, int T) {
   Backend *be = m->be;
   forward_trunk(m, inputs, targets, B, T);
   const int N = B * T, D = m->d.D;
+  /* the mean is over the global batch: every rank divides by the same count */
   int64_t n_valid = count_valid(m, targets, (size_t)N);
+  if (m->comm) n_valid = comm_sum_i64(m->comm, n_valid);
   m->last_n_valid = n_valid;
-  if (n_valid_total <= 0) n_valid_total = n_valid;
-  float grad_scale = n_valid_total > 0 ? 1.0f / (float)n_valid_total : 0.0f;
+  float grad_scale = n_valid > 0 ? 1.0f / (float)n_valid : 0.0f;
   phase(m, "head_loss");
   be->zero(be, m->grads, m->pt.total * be->size[BUF_ACT]);
   double loss_sum = be->xent(be, m->g_xn, G(m, m->lm_head), m->xf, W(m, m->lm_head), m->tok_tgt, N,
@@ -559,5 +685,12 @@ double model_train_step_grads(Model *m, const int32_t *inputs, const int32_t *ta
   phase(m, "embed_bwd");
   be->embed_bwd(be, G(m, m->embedding), m->tok_in, m->g_res, N, D, m->d.V,
                 (float)m->cfg.embed_scale);
+  if (m->comm) {
+    /* Dense weights are replicated: sum their gradients (everything before
+     * the expert group, the last one). Experts got every rank's rows already. */
+    phase(m, "grad_allreduce");
+    m->comm->all_reduce(m->comm, m->grads, m->pt.group_off[GROUP_EXPERT], BUF_ACT);
+    loss_sum = comm_sum_f64(m->comm, loss_sum);
+  }
   return n_valid > 0 ? loss_sum / (double)n_valid : 0.0;
 }

@@ -67,6 +67,7 @@ void params_free(ParamTable *t) {
 }
 
 float params_init_value(const ParamInfo *pi, int row, uint64_t seed, size_t i) {
+  i += pi->init_base;
   switch (pi->init) {
     case INIT_ONES: return 1.0f;
     case INIT_ZEROS: return 0.0f;

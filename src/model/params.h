@@ -38,6 +38,8 @@ typedef struct ParamInfo {
   InitKind init;
   float std;
   int packed; /* 1: placed right after the previous row of its group, unpadded */
+  size_t init_base; /* element of the full tensor this row starts at (a rank's
+                       expert shard), so a shard draws the same values */
 } ParamInfo;
 
 typedef struct ParamTable {

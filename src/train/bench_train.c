@@ -21,6 +21,7 @@
 #include "core/json.h"
 #include "core/log.h"
 #include "core/rng.h"
+#include "dist/comm.h"
 #include "model/model.h"
 #include "train/optim.h"
 #include "train/train.h"
@@ -34,7 +35,7 @@ static double now_s(void) {
 }
 
 static void one_step(Model *m, const int32_t *in, const int32_t *tg, int B, int T, int64_t step) {
-  double loss = model_train_step_grads(m, in, tg, B, T, 0);
+  double loss = model_train_step_grads(m, in, tg, B, T);
   if (!isfinite(loss)) nmoe_fatal("bench: non-finite loss at step %lld", (long long)step);
   if (m->be->phase) m->be->phase(m->be, "grad_norm");
   double gn = grad_global_norm(m);
@@ -63,14 +64,17 @@ int bench_train_main(int argc, char **argv) {
   char err[1024];
   if (config_load(&cfg, argv[1], n_over, over, err, sizeof err)) nmoe_fatal("%s", err);
   free(over);
-  Backend *be = backend_open(cfg.device, 0);
-  Model *m = model_create(&cfg, be);
+  /* Under a launcher every rank runs batch_size sequences (weak scaling). */
+  DistInfo di = dist_from_env();
+  Backend *be = backend_open(cfg.device, di.local_rank);
+  Comm *comm = comm_open(&di, be);
+  Model *m = model_create(&cfg, be, comm);
   const int B = (int)cfg.batch_size, T = (int)cfg.seq_len;
-  const size_t N = (size_t)B * T;
+  const size_t N = (size_t)B * T, base = (size_t)di.rank * N;
   int32_t *in = xmalloc(N * sizeof(int32_t)), *tg = xmalloc(N * sizeof(int32_t));
   for (size_t i = 0; i < N; i++) {
-    in[i] = (int32_t)(rng_u64((uint64_t)cfg.seed, 11, i, 0) % (uint64_t)cfg.vocab_size);
-    tg[i] = (int32_t)(rng_u64((uint64_t)cfg.seed, 12, i, 0) % (uint64_t)cfg.vocab_size);
+    in[i] = (int32_t)(rng_u64((uint64_t)cfg.seed, 11, base + i, 0) % (uint64_t)cfg.vocab_size);
+    tg[i] = (int32_t)(rng_u64((uint64_t)cfg.seed, 12, base + i, 0) % (uint64_t)cfg.vocab_size);
   }
   for (int s = 0; s < warmup; s++) one_step(m, in, tg, B, T, s + 1);
   be->sync(be);
@@ -82,9 +86,11 @@ int bench_train_main(int argc, char **argv) {
   double t0 = now_s();
   for (int s = 0; s < steps; s++) one_step(m, in, tg, B, T, warmup + s + 1);
   be->sync(be);
+  comm->barrier(comm);
   double dt = now_s() - t0;
+  dt = comm_sum_f64(comm, dt) / di.world; /* mean over ranks */
 
-  const double tps = (double)steps * N / dt;
+  const double tps = (double)steps * N * di.world / dt;
   const double flops_tok = model_flops_per_token(&m->d, &cfg, T);
   const double tflops = flops_tok * tps / 1e12;
   JsonW w;
@@ -93,13 +99,15 @@ int bench_train_main(int argc, char **argv) {
   jw_str(&w, "bench", "train");
   jw_str(&w, "config", argv[1]);
   jw_str(&w, "backend", be->name);
+  jw_int(&w, "world", di.world);
   jw_int(&w, "batch", B);
   jw_int(&w, "seq_len", T);
   jw_int(&w, "steps", steps);
   jw_num(&w, "tok_s", round(tps));
+  jw_num(&w, "tok_s_per_gpu", round(tps / di.world));
   jw_num(&w, "ms_step", 1000 * dt / steps);
   jw_num(&w, "tflops", tflops);
-  if (!strcmp(be->name, "cuda")) jw_num(&w, "mfu", tflops * 1e12 / PEAK_BF16_FLOPS);
+  if (!strcmp(be->name, "cuda")) jw_num(&w, "mfu", tflops * 1e12 / (PEAK_BF16_FLOPS * di.world));
   jw_num(&w, "flops_per_token", flops_tok);
   jw_int(&w, "params", model_param_count(m));
   jw_int(&w, "active_matmul_params", model_active_matmul_params(&m->d, &cfg));
@@ -114,11 +122,12 @@ int bench_train_main(int argc, char **argv) {
   }
   jw_obj_end(&w);
   char *line = jw_finish(&w);
-  printf("%s\n", line);
+  if (di.rank == 0) printf("%s\n", line);
   free(line);
   free(in);
   free(tg);
   model_free(m);
+  comm->destroy(comm);
   be->destroy(be);
   return 0;
 }

@@ -19,13 +19,18 @@ double group_lr(const Config *c, OptGroup g, double scale) {
 }
 
 double grad_global_norm(Model *m) {
-  double ss = 0;
+  double dense = 0, expert = 0;
   for (int g = 0; g < N_GROUPS; g++) {
     size_t a = m->pt.group_off[g], b = m->pt.group_off[g + 1];
-    if (b > a)
-      ss += m->be->sumsq(m->be, (char *)m->grads + a * m->be->size[BUF_ACT], b - a);
+    if (b > a) {
+      double ss = m->be->sumsq(m->be, (char *)m->grads + a * m->be->size[BUF_ACT], b - a);
+      if (g == GROUP_EXPERT) expert += ss;
+      else dense += ss;
+    }
   }
-  return sqrt(ss);
+  /* dense gradients are the same on every rank; each rank holds its own experts */
+  if (m->comm) expert = comm_sum_f64(m->comm, expert);
+  return sqrt(dense + expert);
 }
 
 void optim_step(Model *m, int64_t step, double lr_scale, double clip_scale) {
@@ -46,8 +51,9 @@ void optim_step(Model *m, int64_t step, double lr_scale, double clip_scale) {
         .bc2 = (float)(1.0 - pow(b2, (double)step)),
         .grad_scale = (float)clip_scale,
         .stochastic_seed = !m->master && be->size[BUF_ACT] < be->size[BUF_F32]
-                               ? ((uint64_t)c->seed << 32) ^ (uint64_t)step * 0x9E3779B97F4A7C15ull ^ (uint64_t)g
-                               : 0,
+                               ? ((uint64_t)c->seed << 32) ^ (uint64_t)step * 0x9E3779B97F4A7C15ull ^
+                                     (uint64_t)g ^ (g == GROUP_EXPERT ? (uint64_t)m->ep_rank << 40 : 0)
+                               : 0, /* dense replicas round alike; expert shards differ */
     };
     const size_t sa = be->size[BUF_ACT], sf = be->size[BUF_F32];
     be->adamw(be, (char *)m->params + a * sa, m->master ? (char *)m->master + a * sf : NULL,

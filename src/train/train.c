@@ -20,9 +20,12 @@
 #include "core/log.h"
 #include "data/loader.h"
 #include "data/tokenizer.h"
+#include "core/fsutil.h"
+#include "dist/comm.h"
 #include "dist/dist.h"
 #include "model/model.h"
 #include "train/ckpt.h"
+#include "train/ckpt_dir.h"
 #include "train/metrics.h"
 #include "train/optim.h"
 #include "train/train_state.h"
@@ -179,6 +182,7 @@ static void validate(Model *m, const Config *cfg, const DistInfo *di, int64_t st
   loader_close(vl);
   free(in);
   free(tg);
+  if (m->comm) bytes = comm_sum_f64(m->comm, bytes); /* loss_sum and n are global already */
   double loss = n > 0 ? loss_sum / n : 0;
   double bpb = bytes > 0 ? loss_sum / (log(2.0) * bytes) : 0;
   log_info("validation  step %lld | loss %.4f | ppl %.2f | bpb %.4f", (long long)step, loss,
@@ -225,9 +229,6 @@ int train_main(int argc, char **argv) {
     nmoe_fatal("no training data: set data_path (a directory of .npy shards) or flow_mode");
 
   DistInfo di = dist_from_env();
-  if (di.world > 1)
-    nmoe_fatal("world size %d: multi-process training (RDEP) is not supported yet; run one process",
-               di.world);
   if (cfg.batch_size % di.world)
     nmoe_fatal("batch_size %lld is not divisible by the world size %d", (long long)cfg.batch_size,
                di.world);
@@ -237,7 +238,8 @@ int train_main(int argc, char **argv) {
   Loader *loader = loader_open(&cfg, NULL, di.rank, di.world, err, sizeof err);
   if (!loader) nmoe_fatal("%s", err);
   Backend *be = backend_open(cfg.device, di.local_rank);
-  Model *m = model_create(&cfg, be);
+  Comm *comm = comm_open(&di, be);
+  Model *m = model_create(&cfg, be, comm);
   char fp[65];
   config_fingerprint(&cfg, fp);
   const ModelDims *d = &m->d;
@@ -250,6 +252,14 @@ int train_main(int argc, char **argv) {
 
   RunRecord rec = {0};
   rec.run_id = run_id_new();
+  if (comm->world > 1) { /* one run id for all ranks: rank 0's */
+    char mine[64] = {0}, *all = xcalloc((size_t)comm->world, sizeof mine);
+    snprintf(mine, sizeof mine, "%s", rec.run_id);
+    comm->all_gather_host(comm, all, mine, sizeof mine);
+    free(rec.run_id);
+    rec.run_id = xstrdup(all);
+    free(all);
+  }
   char git_hash[41];
   int git_dirty = 0;
   git_info(git_hash, &git_dirty);
@@ -296,7 +306,7 @@ int train_main(int argc, char **argv) {
     double t0 = now_s();
     if (loader_next(loader, inputs, targets, err, sizeof err)) nmoe_fatal("%s", err);
     wait_window += now_s() - t0;
-    loss = model_train_step_grads(m, inputs, targets, B, T, 0);
+    loss = model_train_step_grads(m, inputs, targets, B, T);
     if (!isfinite(loss))
       nmoe_fatal("non-finite loss (%g) at step %lld: lower the learning rate or check the data; "
                  "the last checkpoint is intact", loss, (long long)(s + 1));
@@ -363,6 +373,18 @@ int train_main(int argc, char **argv) {
     if (do_validate && (s % cfg.validation_every == 0 || s == cfg.steps))
       validate(m, &cfg, &di, s, rec.metrics, tok_bytes);
     if ((cfg.checkpoint_every > 0 && s % cfg.checkpoint_every == 0) || last) {
+      if (comm->world > 1) {
+        /* A directory of this step left by an unfinished earlier attempt holds
+         * stale rank files that rank 0 would take for this save's: remove it
+         * before any rank writes. */
+        if (di.rank == 0) {
+          char it[CKPT_PATHN];
+          ckpt_iter_path(it, cfg.checkpoint_dir, s);
+          if (fs_exists(it) && fs_remove_tree(it))
+            nmoe_fatal("checkpoint: cannot remove the stale %s", it);
+        }
+        comm->barrier(comm);
+      }
       CkptSnapshot *snap = train_state_snapshot(m, loader, &cfg, &di, &prog, git_hash);
       if (ckpt_save_async(ck, snap, err, sizeof err)) nmoe_fatal("checkpoint: %s", err);
     }
@@ -398,6 +420,7 @@ int train_main(int argc, char **argv) {
   free(tok_bytes);
   loader_close(loader);
   model_free(m);
+  comm->destroy(comm);
   be->destroy(be);
   int rc = !strcmp(status, "completed") ? 0 : 130;
   config_free(&cfg);

@@ -129,7 +129,7 @@ int main(int argc, char **argv) {
   if (fs_mkdirs(out, err, sizeof err)) nmoe_fatal("%s", err);
 
   Backend *be = backend_open(cfg.device, 0);
-  Model *m = model_create(&cfg, be);
+  Model *m = model_create(&cfg, be, NULL);
   const int B = (int)cfg.batch_size, T = (int)cfg.seq_len, E = m->d.E;
   const size_t N = (size_t)B * T;
 
@@ -144,7 +144,7 @@ int main(int argc, char **argv) {
   g_route.idx = xcalloc((size_t)(m->n_moe > 0 ? m->n_moe : 1), sizeof *g_route.idx);
   g_route.inner = be->router_fwd;
   be->router_fwd = router_fwd_capture;
-  double loss = model_train_step_grads(m, inputs, targets, B, T, 0);
+  double loss = model_train_step_grads(m, inputs, targets, B, T);
   if (g_route.n != m->n_moe)
     nmoe_fatal("model_dump: %d router calls for %d MoE layers", g_route.n, m->n_moe);
   be->sync(be);

@@ -63,7 +63,7 @@ static double full_loss(Model *m, const int32_t *in, const int32_t *tg, int B, i
 /* Checks `samples` random elements of every parameter tensor. */
 static void gradcheck(Config *c, int samples) {
   Backend *be = backend_cpu();
-  Model *m = model_create(c, be);
+  Model *m = model_create(c, be, NULL);
   const int B = (int)c->batch_size, T = (int)c->seq_len, N = B * T;
   int32_t in[N], tg[N];
   for (int i = 0; i < N; i++) {
@@ -75,7 +75,7 @@ static void gradcheck(Config *c, int samples) {
   for (int i = 0; i < m->n_moe * m->d.E; i++)
     m->router_bias_host[i] = 0.05f * (float)((i * 7) % 5 - 2);
   if (m->n_moe) be->put(be, m->router_bias, BUF_F32, m->router_bias_host, (size_t)m->n_moe * m->d.E);
-  model_train_step_grads(m, in, tg, B, T, 0);
+  model_train_step_grads(m, in, tg, B, T);
   real_t *p = m->params, *g = m->grads;
   const double eps = 1e-5;
   double worst = 0;
@@ -156,7 +156,7 @@ static void test_router_bias_update(void **state) {
   tiny_config(&c);
   c.n_routed_experts = 4;
   Backend *be = backend_cpu();
-  Model *m = model_create(&c, be);
+  Model *m = model_create(&c, be, NULL);
   int32_t counts[2 * 4] = {6, 2, 2, 2, 3, 3, 3, 3};
   m->router_bias_host[4] = 15.99f;
   model_update_router_bias(m, counts, 0.1);
@@ -187,12 +187,12 @@ static void test_recompute_bit_identical(void **state) {
     tg[i] = (int32_t)(rng_u64(5, 2, (uint64_t)i, 0) % (uint64_t)c.vocab_size);
   }
   Backend *be = backend_cpu();
-  Model *keep = model_create(&c, be);
-  double l1 = model_train_step_grads(keep, in, tg, B, T, 0);
+  Model *keep = model_create(&c, be, NULL);
+  double l1 = model_train_step_grads(keep, in, tg, B, T);
   c.recompute_attn = true;
   c.recompute_experts = true;
-  Model *re = model_create(&c, be);
-  double l2 = model_train_step_grads(re, in, tg, B, T, 0);
+  Model *re = model_create(&c, be, NULL);
+  double l2 = model_train_step_grads(re, in, tg, B, T);
   assert_true(l1 == l2);
   assert_int_equal(keep->pt.total, re->pt.total);
   assert_memory_equal(keep->grads, re->grads, keep->pt.total * be->size[BUF_ACT]);
@@ -220,7 +220,7 @@ static void test_odd_dims_fused_weights(void **state) {
   c.moe_inter_dim = 5;
   c.n_layers = 2;
   Backend *be = backend_cpu();
-  Model *m = model_create(&c, be);
+  Model *m = model_create(&c, be, NULL);
   const ParamInfo *p = m->pt.p;
   for (int l = 0; l < m->d.L; l++) {
     const LayerParams *lp = &m->lp[l];
@@ -239,7 +239,7 @@ static void test_odd_dims_fused_weights(void **state) {
     in[i] = (int32_t)(rng_u64(3, 1, (uint64_t)i, 0) % (uint64_t)c.vocab_size);
     tg[i] = (int32_t)(rng_u64(3, 2, (uint64_t)i, 0) % (uint64_t)c.vocab_size);
   }
-  model_train_step_grads(m, in, tg, B, T, 0);
+  model_train_step_grads(m, in, tg, B, T);
   char *covered = calloc(m->pt.total, 1);
   for (int r = 0; r < m->pt.n; r++) memset(covered + p[r].offset, 1, p[r].numel);
   const real_t *g = m->grads;
