@@ -257,9 +257,14 @@ static int rendezvous_peer(Store *s, const char *addr, int port, char *err, size
   Hello h = {STORE_MAGIC, s->rank, s->world};
   char why[STORE_MAX_REPLY + 1];
   size_t n;
-  if (send_frame(s, 0, &h, sizeof h, err, errlen) ||
-      recv_frame(s, 0, why, STORE_MAX_REPLY, &n, err, errlen))
-    return -1;
+  if (send_frame(s, 0, &h, sizeof h, err, errlen)) return -1;
+  /* Rank 0 was listening before we connected, so it decides within timeout_s
+   * from now; wait longer than that to hear its verdict rather than our own
+   * timeout. */
+  s->timeout_s *= 2;
+  int rc = recv_frame(s, 0, why, STORE_MAX_REPLY, &n, err, errlen);
+  s->timeout_s /= 2;
+  if (rc) return -1;
   if (n == 0) return 0;
   why[n] = 0;
   snprintf(err, errlen, "%s", why);
