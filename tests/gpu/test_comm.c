@@ -10,9 +10,10 @@
  * offset src: 4-byte path, 14336: 16-byte path) and big segments; each rank
  * checks its whole dst (rows nobody wrote stay zero). Then 50 back-to-back
  * puts into one buffer with changing contents, each followed by a device-side
- * snapshot of dst and no host sync, which catches a missing entry barrier (a
- * fast peer overwrites dst before the snapshot) or exit barrier (the snapshot
- * misses a peer's rows).
+ * snapshot of dst and no host sync, one rank per round slowed down before
+ * its snapshot: catches a missing entry barrier (a fast peer overwrites dst
+ * before the snapshot) or exit barrier (the snapshot misses a peer's rows);
+ * both mutations were seen to fail it on 2 H100s.
  * Prints one line per failure; rank 0 prints "test_comm: ok (world W)" when
  * every rank passed. Exit 0 on success, 1 on any failure on any rank. */
 #include <stdint.h>
@@ -212,8 +213,14 @@ static void test_back_to_back(size_t row_bytes, int iters) {
   void *dst = comm->sym_alloc(comm, dbytes);
   be->sync(be);
   comm->barrier(comm);
+  /* One rank per iteration is slow to read its dst (a 256 MiB local copy
+   * first): without the entry barrier the others' next puts overwrite dst
+   * before its snapshot. */
+  const size_t busy_bytes = (size_t)256 << 20;
+  char *busy = be->alloc(be, 2 * busy_bytes);
   for (int it = 0; it < iters; it++) {
     comm->put_rows(comm, dst, srcs + (size_t)it * sbytes, row_bytes, p.seg[rank], p.nseg[rank]);
+    if (it % world == rank) be->copy(be, busy + busy_bytes, busy, busy_bytes);
     be->copy(be, hist + (size_t)it * dbytes, dst, dbytes);
   }
   unsigned char *got = xmalloc(dbytes * (size_t)iters);
@@ -229,6 +236,7 @@ static void test_back_to_back(size_t row_bytes, int iters) {
   free(h);
   be->free(be, srcs);
   be->free(be, hist);
+  be->free(be, busy);
   plan_free(&p);
 }
 
