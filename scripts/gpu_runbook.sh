@@ -9,6 +9,9 @@
 #           6-layer moonlet (fits an 80 GB card)
 #   torch   PyTorch eager/compile baselines for the same shapes
 #   moonlet the whole moonlet at batch 8 (needs an H200: 139 GB)
+#   multi   every GPU of the machine: comm test (2 and 4 ranks), RDEP bench,
+#           tiny.toml on 1 GPU vs all GPUs (same global batch), weak scaling of
+#           speedrun super (bench train on 1, 2, 4 GPUs)
 # Logs go to $OUT/<name>.log; a summary is printed last.
 set -u
 OUT=${OUT:-/tmp/nmoe_out}
@@ -99,6 +102,33 @@ PY
       --batch_size=8 --master_weights=stochastic --recompute_attn=true --recompute_experts=true
     step torch_moonlet 400 python3 tests/torch_ref/bench_torch.py --configs moonlet --modes eager,compile \
       --steps 6 --warmup 2 --time-budget-s 360
+    ;;
+  multi)
+    # NCCL from the PyTorch install (the 200 MB library does not travel with the build)
+    export LD_LIBRARY_PATH=$LD_LIBRARY_PATH:/opt/torch/.venv/lib/python3.12/site-packages/nvidia/nccl/lib
+    G=$(nvidia-smi -L | wc -l)
+    L="$B/nmoe launch -n"
+    step test_comm2 120 $L 2 -- $B/gpu/test_comm
+    [ "$G" -ge 4 ] && step test_comm4 120 $L 4 -- $B/gpu/test_comm
+    step bench_rdep 240 $L "$G" -- $B/gpu/bench_rdep
+    common="--steps=60 --log_every=1 --checkpoint_every=0 --resume=false --metrics_dir=$OUT/m --experiments_db=$OUT/e.db --device=cuda"
+    step eq_1gpu 120 env NMOE_RUN=eq1 $B/nmoe train configs/tiny.toml $common --checkpoint_dir=/tmp/ck_eq1
+    step eq_ngpu 120 env NMOE_RUN=eqn $L "$G" -- $B/nmoe train configs/tiny.toml $common --checkpoint_dir=/tmp/ck_eqn
+    step eq_compare 30 python3 - "$OUT/m" <<'PY'
+import sqlite3, sys
+def get(run, r=0):
+    db = sqlite3.connect(f"{sys.argv[1]}/{run}/rank_{r}.sqlite")
+    return dict(db.execute("select step, value from metrics where tag='train/loss'"))
+one, n = get("eq1"), get("eqn")
+worst = max(abs(one[s] - n[s]) for s in one)
+print(f"tiny.toml, 60 steps, same global batch: max |loss(1 GPU) - loss(all GPUs)| = {worst:.4f} "
+      f"(bf16; bound 0.1); final {one[max(one)]:.4f} vs {n[max(n)]:.4f}")
+sys.exit(0 if worst < 0.1 and len(one) == len(n) == 60 else 1)
+PY
+    ws="--steps 10 --warmup 3 --device=cuda --master_weights=stochastic"
+    step ws_super_1 200 $B/nmoe bench train configs/speedrun/super.toml $ws
+    step ws_super_2 200 $L 2 -- $B/nmoe bench train configs/speedrun/super.toml $ws
+    [ "$G" -ge 4 ] && step ws_super_4 200 $L 4 -- $B/nmoe bench train configs/speedrun/super.toml $ws
     ;;
   torch)
     step torch_bench 420 python3 tests/torch_ref/bench_torch.py --configs super,moe,moonlet6 \

@@ -8,8 +8,23 @@
 typedef struct { FatalHook fn; void *ctx; } Hook;
 static Hook hooks[MAX_HOOKS];
 static int n_hooks;
+static int g_rank = -1;   /* -1: a single process (no rank in messages) */
+static int g_info = 1;    /* this process prints info lines */
+
+void log_set_rank(int rank, int world) {
+  if (world <= 1) return;
+  g_rank = rank;
+  const char *all = getenv("NMOE_LOG_ALL_RANKS");
+  g_info = rank == 0 || (all && !strcmp(all, "1"));
+}
+
+/* "rank R: " in a multi-process run */
+static void rank_prefix(FILE *f) {
+  if (g_rank >= 0) fprintf(f, "rank %d: ", g_rank);
+}
 
 void log_info(const char *fmt, ...) {
+  if (!g_info) return;
   va_list ap;
   va_start(ap, fmt);
   vfprintf(stdout, fmt, ap);
@@ -22,6 +37,7 @@ void log_warn(const char *fmt, ...) {
   va_list ap;
   va_start(ap, fmt);
   fputs("nmoe: warning: ", stderr);
+  rank_prefix(stderr);
   vfprintf(stderr, fmt, ap);
   va_end(ap);
   fputc('\n', stderr);
@@ -47,7 +63,9 @@ void nmoe_fatal(const char *fmt, ...) {
   vsnprintf(msg, sizeof msg, fmt, ap);
   va_end(ap);
   fflush(stdout);
-  fprintf(stderr, "nmoe: error: %s\n", msg);
+  fputs("nmoe: error: ", stderr);
+  rank_prefix(stderr);
+  fprintf(stderr, "%s\n", msg);
   /* Hooks may call nmoe_fatal themselves; take them off the list first. */
   int n = n_hooks;
   n_hooks = 0;

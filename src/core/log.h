@@ -13,6 +13,9 @@
 
 /* Log to stderr with a "nmoe: " prefix; info goes to stdout. */
 void log_info(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+/* In a multi-process run: info lines come from rank 0 only (every rank with
+ * NMOE_LOG_ALL_RANKS=1), warnings and errors from every rank, named. */
+void log_set_rank(int rank, int world);
 void log_warn(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
 /* One clear line on stderr, then exit(1). Runs registered cleanup hooks first

@@ -66,6 +66,7 @@ int bench_train_main(int argc, char **argv) {
   free(over);
   /* Under a launcher every rank runs batch_size sequences (weak scaling). */
   DistInfo di = dist_from_env();
+  log_set_rank(di.rank, di.world);
   Backend *be = backend_open(cfg.device, di.local_rank);
   Comm *comm = comm_open(&di, be);
   Model *m = model_create(&cfg, be, comm);

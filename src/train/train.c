@@ -229,6 +229,7 @@ int train_main(int argc, char **argv) {
     nmoe_fatal("no training data: set data_path (a directory of .npy shards) or flow_mode");
 
   DistInfo di = dist_from_env();
+  log_set_rank(di.rank, di.world);
   if (cfg.batch_size % di.world)
     nmoe_fatal("batch_size %lld is not divisible by the world size %d", (long long)cfg.batch_size,
                di.world);
@@ -335,7 +336,7 @@ int train_main(int argc, char **argv) {
       double mem_gib = be->mem_peak ? be->mem_peak(be) / 1073741824.0 : peak_host_gib();
       log_info("step %6lld/%lld | loss %.4f | lr %.2e | gnorm %.3f | tok/s %.0f | ms/step %.1f | "
                "tflops %.2f | mem %.1f GiB",
-               (long long)s, (long long)cfg.steps, loss, lr, gnorm, tps, ms, tflops, mem_gib);
+               (long long)s, (long long)cfg.steps, loss, lr, gnorm, tps * di.world, ms, tflops, mem_gib);
       Metrics *mx = rec.metrics;
       metrics_log(mx, "train/loss", s, loss);
       metrics_log(mx, "train/grad_norm", s, gnorm);
