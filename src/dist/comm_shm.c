@@ -143,7 +143,8 @@ static void shm_put_rows(Comm *c, void *dst, const void *src, size_t row_bytes,
                  "falls outside the %zu-byte symmetric buffer",
                  c->rank, i, g->peer, (long long)g->dst_row, (long long)(g->dst_row + g->rows),
                  row_bytes, m->bytes);
-    memcpy(m->base + (size_t)g->peer * m->slot + off + (size_t)g->dst_row * row_bytes,
+    if (g->rows > 0)
+      memcpy(m->base + (size_t)g->peer * m->slot + off + (size_t)g->dst_row * row_bytes,
            (const unsigned char *)src + (size_t)g->src_row * row_bytes, (size_t)g->rows * row_bytes);
   }
   /* Exit: every rank's puts into this rank have landed. */
@@ -177,6 +178,7 @@ static void shm_all_reduce(Comm *c, void *buf, size_t n, BufKind kind) {
       nmoe_fatal("rank %d: all_reduce sizes differ: rank %d has %llu elements, rank 0 %llu",
                  c->rank, r, (unsigned long long)all[r], (unsigned long long)all[0]);
   free(all);
+  if (n == 0) return;
   if (n * es > s->scratch.bytes) {
     if (s->scratch.base) munmap(s->scratch.base, s->scratch.slot * (size_t)c->world);
     s->scratch = shm_map_new(c, n * es);
@@ -200,6 +202,9 @@ static void shm_destroy(Comm *c) {
 }
 
 Comm *comm_shm_open(const DistInfo *di, Backend *be, struct Store *st) {
+  if (di->local_world != di->world)
+    nmoe_fatal("rank %d: CPU ranks share memory, so all %d must run on one host (this host has %d)",
+               di->rank, di->world, di->local_world);
   Comm *c = xcalloc(1, sizeof *c);
   c->rank = di->rank;
   c->world = di->world;
