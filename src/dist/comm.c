@@ -15,7 +15,8 @@ typedef struct SingleState {
   int n, cap;
 } SingleState;
 
-static void single_all_reduce(Comm *c, void *buf, size_t n, BufKind kind) {}
+/* One rank: every reduction is the identity. */
+static void single_reduce(Comm *c, void *buf, size_t n, BufKind kind) {}
 
 static void single_all_gather_host(Comm *c, void *out, const void *in, size_t bytes) {
   memmove(out, in, bytes);
@@ -60,7 +61,9 @@ static Comm *comm_single_open(Backend *be) {
   c->transport = "single";
   c->be = be;
   c->impl = xcalloc(1, sizeof(SingleState));
-  c->all_reduce = single_all_reduce;
+  c->all_reduce = single_reduce;
+  c->reduce_scatter = single_reduce;
+  c->all_gather = single_reduce;
   c->all_gather_host = single_all_gather_host;
   c->sym_alloc = single_sym_alloc;
   c->put_rows = single_put_rows;

@@ -42,6 +42,12 @@ struct Comm {
   /* In place: buf (n elements of kind) = sum over ranks, the same bits on every
    * rank (fixed reduction order). ACT and F32 kinds. */
   void (*all_reduce)(Comm *c, void *buf, size_t n, BufKind kind);
+  /* ZeRO: buf holds n elements of kind, n a multiple of world; slice r is
+   * [r*n/world, (r+1)*n/world). reduce_scatter: afterwards this rank's slice
+   * holds the sum over ranks of that slice (the other slices keep unspecified
+   * values). all_gather: afterwards every slice holds its owner's values. */
+  void (*reduce_scatter)(Comm *c, void *buf, size_t n, BufKind kind);
+  void (*all_gather)(Comm *c, void *buf, size_t n, BufKind kind);
   /* Host bytes: out (world * bytes) = every rank's in, in rank order. */
   void (*all_gather_host)(Comm *c, void *out, const void *in, size_t bytes);
   /* A backend buffer of bytes (zero-filled) that every rank allocates in the

@@ -164,31 +164,67 @@ static void shm_put_rows(Comm *c, void *dst, const void *src, size_t row_bytes,
     }                                                                              \
   } while (0)
 
-static void shm_all_reduce(Comm *c, void *buf, size_t n, BufKind kind) {
+/* The first half of every reduction: every rank passes the same n (checked;
+ * with the entry gather every rank has also finished reading the previous
+ * call's scratch), then each copies buf into its scratch slot and all meet.
+ * Returns the element size; 0 when n is 0 (nothing to do). */
+static size_t shm_stage(Comm *c, const void *buf, size_t n, BufKind kind, const char *what) {
   ShmState *s = c->impl;
   size_t es = c->be->size[kind];
   if (kind == BUF_I32 || (es != 4 && es != 8))
-    nmoe_fatal("rank %d: all_reduce supports float and double buffers only", c->rank);
-  /* Entry: every rank asks for the same n (checked), and every rank has
-   * finished reading the scratch of the previous all_reduce. */
+    nmoe_fatal("rank %d: %s supports float and double buffers only", c->rank, what);
   uint64_t mine = n, *all = xmalloc(sizeof *all * (size_t)c->world);
-  shm_gather(c, all, &mine, sizeof mine, "all_reduce");
+  shm_gather(c, all, &mine, sizeof mine, what);
   for (int r = 1; r < c->world; r++)
     if (all[r] != all[0])
-      nmoe_fatal("rank %d: all_reduce sizes differ: rank %d has %llu elements, rank 0 %llu",
-                 c->rank, r, (unsigned long long)all[r], (unsigned long long)all[0]);
+      nmoe_fatal("rank %d: %s sizes differ: rank %d has %llu elements, rank 0 %llu", c->rank, what,
+                 r, (unsigned long long)all[r], (unsigned long long)all[0]);
   free(all);
-  if (n == 0) return;
+  if (n == 0) return 0;
   if (n * es > s->scratch.bytes) {
     if (s->scratch.base) munmap(s->scratch.base, s->scratch.slot * (size_t)c->world);
     s->scratch = shm_map_new(c, n * es);
   }
   memcpy(s->scratch.base + (size_t)c->rank * s->scratch.slot, buf, n * es);
-  shm_sync(c, "all_reduce");
+  shm_sync(c, what);
+  return es;
+}
+
+static void shm_all_reduce(Comm *c, void *buf, size_t n, BufKind kind) {
+  ShmState *s = c->impl;
+  size_t es = shm_stage(c, buf, n, kind, "all_reduce");
   if (es == 4)
     SUM_SLOTS(float, buf, s->scratch.base, s->scratch.slot, c->world, n);
-  else
+  else if (es == 8)
     SUM_SLOTS(double, buf, s->scratch.base, s->scratch.slot, c->world, n);
+}
+
+static size_t shm_slice(Comm *c, size_t n, const char *what) {
+  if (n % (size_t)c->world)
+    nmoe_fatal("rank %d: %s of %zu elements: not a multiple of the world size %d", c->rank, what, n,
+               c->world);
+  return n / (size_t)c->world;
+}
+
+static void shm_reduce_scatter(Comm *c, void *buf, size_t n, BufKind kind) {
+  ShmState *s = c->impl;
+  size_t len = shm_slice(c, n, "reduce_scatter");
+  size_t es = shm_stage(c, buf, n, kind, "reduce_scatter"), at = (size_t)c->rank * len * es;
+  unsigned char *dst = (unsigned char *)buf + at;
+  if (es == 4)
+    SUM_SLOTS(float, dst, s->scratch.base + at, s->scratch.slot, c->world, len);
+  else if (es == 8)
+    SUM_SLOTS(double, dst, s->scratch.base + at, s->scratch.slot, c->world, len);
+}
+
+static void shm_all_gather(Comm *c, void *buf, size_t n, BufKind kind) {
+  ShmState *s = c->impl;
+  size_t len = shm_slice(c, n, "all_gather");
+  size_t es = shm_stage(c, buf, n, kind, "all_gather");
+  for (int r = 0; es && r < c->world; r++)
+    if (r != c->rank)
+      memcpy((unsigned char *)buf + (size_t)r * len * es,
+             s->scratch.base + (size_t)r * s->scratch.slot + (size_t)r * len * es, len * es);
 }
 
 static void shm_destroy(Comm *c) {
@@ -213,6 +249,8 @@ Comm *comm_shm_open(const DistInfo *di, Backend *be, struct Store *st) {
   c->store = st;
   c->impl = xcalloc(1, sizeof(ShmState));
   c->all_reduce = shm_all_reduce;
+  c->reduce_scatter = shm_reduce_scatter;
+  c->all_gather = shm_all_gather;
   c->all_gather_host = shm_all_gather_host;
   c->sym_alloc = shm_sym_alloc;
   c->put_rows = shm_put_rows;

@@ -131,7 +131,7 @@ static void build_table(Model *m) {
   m->final_norm = params_add(t, "norm.weight", 1, dshape, OWN_DENSE, GROUP_NO_DECAY, INIT_ONES, 0);
   m->lm_head = params_add(t, "lm_head.weight", 2, emb_shape, OWN_DENSE, GROUP_NO_DECAY,
                           INIT_TRUNC_NORMAL, 1.0f / sqrtf((float)d->D));
-  params_finalize(t);
+  params_finalize(t, 16 * (size_t)m->ep_world);
 }
 
 void *model_ptr(const Model *m, void *base, int p) {
@@ -139,7 +139,14 @@ void *model_ptr(const Model *m, void *base, int p) {
   return (char *)base + m->pt.p[p].offset * m->be->size[BUF_ACT];
 }
 
-/* Fills the parameters in chunks through a host float staging buffer. */
+size_t model_state_offset(const Model *m, size_t elem) {
+  if (elem >= m->dense_end) return (m->shard_hi - m->shard_lo) + (elem - m->dense_end);
+  NMOE_ASSERT(elem >= m->shard_lo && elem < m->shard_hi);
+  return elem - m->shard_lo;
+}
+
+/* Fills the parameters in chunks through a host float staging buffer (the
+ * master copy: only the elements this rank keeps state for). */
 static void init_params(Model *m) {
   enum { CHUNK = 1 << 22 };
   float *host = xmalloc(CHUNK * sizeof(float));
@@ -152,9 +159,14 @@ static void init_params(Model *m) {
       for (size_t i = 0; i < n; i++) host[i] = params_init_value(pi, r, seed, start + i);
       char *dst = (char *)m->params + (pi->offset + start) * m->be->size[BUF_ACT];
       m->be->put(m->be, dst, BUF_ACT, host, n);
-      if (m->master) {
-        char *mdst = (char *)m->master + (pi->offset + start) * m->be->size[BUF_F32];
-        m->be->put(m->be, mdst, BUF_F32, host, n);
+      size_t lo = pi->offset + start, hi = lo + n; /* [lo, hi) of the table */
+      if (lo < m->dense_end) {
+        lo = lo > m->shard_lo ? lo : m->shard_lo;
+        hi = hi < m->shard_hi ? hi : m->shard_hi;
+      }
+      if (m->master && lo < hi) {
+        char *mdst = (char *)m->master + model_state_offset(m, lo) * m->be->size[BUF_F32];
+        m->be->put(m->be, mdst, BUF_F32, host + (lo - pi->offset - start), hi - lo);
       }
     }
   }
@@ -185,11 +197,15 @@ Model *model_create(const Config *cfg, Backend *be, Comm *comm) {
   size_t n = m->pt.total;
   m->params = be->alloc(be, n * be->size[BUF_ACT]);
   m->grads = be->alloc(be, n * be->size[BUF_ACT]);
+  m->dense_end = m->pt.group_off[GROUP_EXPERT];
+  m->shard_lo = m->dense_end / m->ep_world * m->ep_rank;
+  m->shard_hi = m->shard_lo + m->dense_end / m->ep_world;
+  m->n_state = (m->shard_hi - m->shard_lo) + (n - m->dense_end);
   /* A master copy only where storage is narrower than fp32. */
   if (be->size[BUF_ACT] < be->size[BUF_F32] && !strcmp(cfg->master_weights, "fp32"))
-    m->master = be->alloc(be, n * be->size[BUF_F32]);
-  m->adam_m = be->alloc(be, n * be->size[BUF_F32]);
-  m->adam_v = be->alloc(be, n * be->size[BUF_F32]);
+    m->master = be->alloc(be, m->n_state * be->size[BUF_F32]);
+  m->adam_m = be->alloc(be, m->n_state * be->size[BUF_F32]);
+  m->adam_v = be->alloc(be, m->n_state * be->size[BUF_F32]);
   size_t nb = (size_t)(m->n_moe > 0 ? m->n_moe : 1) * (size_t)(d->E > 0 ? d->E : 1);
   m->router_bias = be->alloc(be, nb * be->size[BUF_F32]);
   m->router_bias_host = xcalloc(nb, sizeof(float));

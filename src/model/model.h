@@ -80,8 +80,14 @@ typedef struct Model {
   /* One allocation each, laid out by pt. */
   void *params;  /* ACT [pt.total] */
   void *grads;   /* ACT [pt.total] */
-  void *master;  /* F32 [pt.total] or NULL */
-  void *adam_m, *adam_v; /* F32 [pt.total] */
+  /* ZeRO-2: the dense range [0, dense_end) splits into ep_world equal shards;
+   * this rank keeps optimizer state and the fp32 master only for its shard
+   * [shard_lo, shard_hi) and for its experts, laid out [shard | experts]
+   * (n_state elements; model_state_offset maps a parameter element). One
+   * process: the shard is every dense element and the layout is pt's. */
+  size_t dense_end, shard_lo, shard_hi, n_state;
+  void *master;  /* F32 [n_state] or NULL */
+  void *adam_m, *adam_v; /* F32 [n_state] */
   void *router_bias;     /* F32 [n_moe, E]: buffers, not parameters */
   float *router_bias_host; /* [n_moe, E] mirror */
 
@@ -152,5 +158,8 @@ double model_flops_per_token(const ModelDims *d, const Config *cfg, int T);
 
 /* Pointer to row p inside an ACT allocation (params or grads). */
 void *model_ptr(const Model *m, void *base, int p);
+/* Offset in the optimizer state buffers of parameter element elem (which must
+ * lie in this rank's dense shard or in the expert group). */
+size_t model_state_offset(const Model *m, size_t elem);
 
 #endif

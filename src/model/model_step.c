@@ -260,7 +260,7 @@ void model_free(Model *m) {
 
 static void *W(Model *m, int p) { return model_ptr(m, m->params, p); }
 
-_Static_assert(GROUP_EXPERT == N_GROUPS - 1, "the gradient all-reduce covers the groups before experts");
+_Static_assert(GROUP_EXPERT == N_GROUPS - 1, "ZeRO shards the groups before the experts' one");
 
 /* Names the time that follows (per-phase breakdown in `nmoe bench train`). */
 static void phase(Model *m, const char *name) {
@@ -686,10 +686,11 @@ double model_train_step_grads(Model *m, const int32_t *inputs, const int32_t *ta
   be->embed_bwd(be, G(m, m->embedding), m->tok_in, m->g_res, N, D, m->d.V,
                 (float)m->cfg.embed_scale);
   if (m->comm) {
-    /* Dense weights are replicated: sum their gradients (everything before
-     * the expert group, the last one). Experts got every rank's rows already. */
-    phase(m, "grad_allreduce");
-    m->comm->all_reduce(m->comm, m->grads, m->pt.group_off[GROUP_EXPERT], BUF_ACT);
+    /* ZeRO-2: each rank gets the summed dense gradients of its shard (the
+     * dense groups come before the experts' one, the last). Experts got every
+     * rank's rows already. */
+    phase(m, "grad_reduce_scatter");
+    m->comm->reduce_scatter(m->comm, m->grads, m->dense_end, BUF_ACT);
     loss_sum = comm_sum_f64(m->comm, loss_sum);
   }
   return n_valid > 0 ? loss_sum / (double)n_valid : 0.0;

@@ -37,9 +37,11 @@ int params_add(ParamTable *t, const char *name, int ndim, const int64_t *shape, 
  * straddle tensors and every group range suits the vectorised optimizer. */
 static size_t align16(size_t n) { return (n + 15) & ~(size_t)15; }
 
-void params_finalize(ParamTable *t) {
+void params_finalize(ParamTable *t, size_t dense_multiple) {
   size_t off = 0;
   for (int g = 0; g < N_GROUPS; g++) {
+    if (g == GROUP_EXPERT && dense_multiple > 1)
+      off = (off + dense_multiple - 1) / dense_multiple * dense_multiple;
     t->group_off[g] = off;
     for (int i = 0; i < t->n; i++) {
       if (t->p[i].group != (OptGroup)g) continue;

@@ -53,8 +53,10 @@ typedef struct ParamTable {
 int params_add(ParamTable *t, const char *name, int ndim, const int64_t *shape, ParamOwner owner,
                OptGroup group, InitKind init, float std);
 /* Assigns offsets group by group and fills group_off/total. Set packed on
- * rows before calling it. */
-void params_finalize(ParamTable *t);
+ * rows before calling it. The expert group (last) starts at a multiple of
+ * dense_multiple elements, so the dense groups before it split into equal,
+ * aligned ZeRO shards (the gap belongs to the router group and stays zero). */
+void params_finalize(ParamTable *t, size_t dense_multiple);
 /* Row index by name, or -1. */
 int params_find(const ParamTable *t, const char *name);
 void params_free(ParamTable *t);

@@ -18,26 +18,34 @@ double group_lr(const Config *c, OptGroup g, double scale) {
   return floor + (peak - floor) * scale;
 }
 
+/* Range of group g this rank updates: the whole group for experts, its
+ * intersection with this rank's ZeRO shard for dense groups. */
+static void group_range(const Model *m, int g, size_t *a, size_t *b) {
+  *a = m->pt.group_off[g];
+  *b = m->pt.group_off[g + 1];
+  if (g == GROUP_EXPERT) return;
+  if (*a < m->shard_lo) *a = m->shard_lo;
+  if (*b > m->shard_hi) *b = m->shard_hi;
+}
+
 double grad_global_norm(Model *m) {
-  double dense = 0, expert = 0;
+  double ss = 0;
   for (int g = 0; g < N_GROUPS; g++) {
-    size_t a = m->pt.group_off[g], b = m->pt.group_off[g + 1];
-    if (b > a) {
-      double ss = m->be->sumsq(m->be, (char *)m->grads + a * m->be->size[BUF_ACT], b - a);
-      if (g == GROUP_EXPERT) expert += ss;
-      else dense += ss;
-    }
+    size_t a, b;
+    group_range(m, g, &a, &b);
+    if (b > a) ss += m->be->sumsq(m->be, (char *)m->grads + a * m->be->size[BUF_ACT], b - a);
   }
-  /* dense gradients are the same on every rank; each rank holds its own experts */
-  if (m->comm) expert = comm_sum_f64(m->comm, expert);
-  return sqrt(dense + expert);
+  /* each rank holds the summed gradients of its dense shard and its experts */
+  if (m->comm) ss = comm_sum_f64(m->comm, ss);
+  return sqrt(ss);
 }
 
 void optim_step(Model *m, int64_t step, double lr_scale, double clip_scale) {
   const Config *c = &m->cfg;
   Backend *be = m->be;
   for (int g = 0; g < N_GROUPS; g++) {
-    size_t a = m->pt.group_off[g], b = m->pt.group_off[g + 1];
+    size_t a, b;
+    group_range(m, g, &a, &b);
     if (b <= a) continue;
     double b2 = g == GROUP_EXPERT ? c->adam_beta2_expert : c->adam_beta2;
     double wd = (g == GROUP_DECAY || g == GROUP_EXPERT) ? c->weight_decay : 0.0;
@@ -55,9 +63,10 @@ void optim_step(Model *m, int64_t step, double lr_scale, double clip_scale) {
                                      (uint64_t)g ^ (g == GROUP_EXPERT ? (uint64_t)m->ep_rank << 40 : 0)
                                : 0, /* dense replicas round alike; expert shards differ */
     };
-    const size_t sa = be->size[BUF_ACT], sf = be->size[BUF_F32];
-    be->adamw(be, (char *)m->params + a * sa, m->master ? (char *)m->master + a * sf : NULL,
-              (char *)m->grads + a * sa, (char *)m->adam_m + a * sf, (char *)m->adam_v + a * sf,
-              b - a, &ap);
+    const size_t sa = be->size[BUF_ACT], sf = be->size[BUF_F32], so = model_state_offset(m, a) * sf;
+    be->adamw(be, (char *)m->params + a * sa, m->master ? (char *)m->master + so : NULL,
+              (char *)m->grads + a * sa, (char *)m->adam_m + so, (char *)m->adam_v + so, b - a, &ap);
   }
+  /* every rank updated its dense shard: share them */
+  if (m->comm) m->comm->all_gather(m->comm, m->params, m->dense_end, BUF_ACT);
 }

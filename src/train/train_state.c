@@ -35,6 +35,24 @@ static void *download_range(Backend *be, const void *base, size_t off_elems, siz
   return host;
 }
 
+/* Optimizer state of parameter row p lives in the per-parameter tensors unless
+ * it is dense in a multi-rank run: then it is part of this rank's ZeRO shard,
+ * saved whole as "<kind>.dense_shard" (F32 [shard_hi - shard_lo]). */
+static int state_per_param(const Model *m, const ParamInfo *p) {
+  return m->ep_world == 1 || p->owner != OWN_DENSE;
+}
+
+/* The state buffers of a snapshot/restore: name prefix and buffer. */
+typedef struct StateBuf { const char *prefix; void *buf; } StateBuf;
+
+static int state_bufs(const Model *m, StateBuf out[3]) {
+  int n = 0;
+  out[n++] = (StateBuf){"optim.exp_avg", m->adam_m};
+  out[n++] = (StateBuf){"optim.exp_avg_sq", m->adam_v};
+  if (m->master) out[n++] = (StateBuf){"master", m->master};
+  return n;
+}
+
 static void router_bias_name(const Model *m, int li, char *out, size_t n) {
   snprintf(out, n, "layers.%d.ffn.router.bias", m->d.n_dense + li);
 }
@@ -48,6 +66,8 @@ CkptSnapshot *train_state_snapshot(Model *m, const Loader *loader, const Config 
   s->step = prog->step;
   int cap_d = 0, cap_r = 0;
   char name[160];
+  StateBuf sb[3];
+  const int ns = state_bufs(m, sb);
   for (int i = 0; i < m->pt.n; i++) {
     const ParamInfo *p = &m->pt.p[i];
     void *data = download_range(be, m->params, p->offset, p->numel, sa);
@@ -57,16 +77,21 @@ CkptSnapshot *train_state_snapshot(Model *m, const Loader *loader, const Config 
     else
       add_tensor(&s->rank_t, &s->n_rank, &cap_r, p->name, dtype_of(sa), p->ndim, p->shape, data,
                  p->numel * sa);
-    snprintf(name, sizeof name, "optim.exp_avg.%s", p->name);
-    add_tensor(&s->rank_t, &s->n_rank, &cap_r, name, dtype_of(sf), p->ndim, p->shape,
-               download_range(be, m->adam_m, p->offset, p->numel, sf), p->numel * sf);
-    snprintf(name, sizeof name, "optim.exp_avg_sq.%s", p->name);
-    add_tensor(&s->rank_t, &s->n_rank, &cap_r, name, dtype_of(sf), p->ndim, p->shape,
-               download_range(be, m->adam_v, p->offset, p->numel, sf), p->numel * sf);
-    if (m->master) {
-      snprintf(name, sizeof name, "master.%s", p->name);
+    if (!state_per_param(m, p)) continue;
+    for (int k = 0; k < ns; k++) {
+      snprintf(name, sizeof name, "%s.%s", sb[k].prefix, p->name);
       add_tensor(&s->rank_t, &s->n_rank, &cap_r, name, dtype_of(sf), p->ndim, p->shape,
-                 download_range(be, m->master, p->offset, p->numel, sf), p->numel * sf);
+                 download_range(be, sb[k].buf, model_state_offset(m, p->offset), p->numel, sf),
+                 p->numel * sf);
+    }
+  }
+  if (m->ep_world > 1) {
+    const size_t len = m->shard_hi - m->shard_lo;
+    int64_t shape[1] = {(int64_t)len};
+    for (int k = 0; k < ns; k++) {
+      snprintf(name, sizeof name, "%s.dense_shard", sb[k].prefix);
+      add_tensor(&s->rank_t, &s->n_rank, &cap_r, name, dtype_of(sf), 1, shape,
+                 download_range(be, sb[k].buf, 0, len, sf), len * sf);
     }
   }
   for (int li = 0; li < m->n_moe; li++) {
@@ -196,23 +221,29 @@ void train_state_restore(Model *m, Loader *loader, const Config *cfg, const Dist
                plan, loader_plan_hash(loader));
   Backend *be = m->be;
   char name[160];
+  StateBuf sb[3];
+  const int ns = state_bufs(m, sb);
   for (int i = 0; i < m->pt.n; i++) {
     const ParamInfo *p = &m->pt.p[i];
     void *pp = (char *)m->params + p->offset * be->size[BUF_ACT];
     put_tensor(be, pp, BUF_ACT, need(l, p->name, p, cfg->checkpoint_dir, step), p->numel, p->name);
-    snprintf(name, sizeof name, "optim.exp_avg.%s", p->name);
-    put_tensor(be, (char *)m->adam_m + p->offset * be->size[BUF_F32], BUF_F32,
-               need(l, name, p, cfg->checkpoint_dir, step), p->numel, name);
-    snprintf(name, sizeof name, "optim.exp_avg_sq.%s", p->name);
-    put_tensor(be, (char *)m->adam_v + p->offset * be->size[BUF_F32], BUF_F32,
-               need(l, name, p, cfg->checkpoint_dir, step), p->numel, name);
-    if (m->master) {
-      snprintf(name, sizeof name, "master.%s", p->name);
+    if (!state_per_param(m, p)) continue;
+    for (int k = 0; k < ns; k++) {
+      snprintf(name, sizeof name, "%s.%s", sb[k].prefix, p->name);
       const CkptTensor *t = ckpt_find(l, name);
       /* No master in the checkpoint (saved by a backend without one): start
        * the master from the restored weights. */
-      put_tensor(be, (char *)m->master + p->offset * be->size[BUF_F32], BUF_F32,
-                 t ? t : need(l, p->name, p, cfg->checkpoint_dir, step), p->numel, name);
+      if (!t && sb[k].buf == m->master) t = need(l, p->name, p, cfg->checkpoint_dir, step);
+      put_tensor(be, (char *)sb[k].buf + model_state_offset(m, p->offset) * be->size[BUF_F32],
+                 BUF_F32, t ? t : need(l, name, p, cfg->checkpoint_dir, step), p->numel, name);
+    }
+  }
+  if (m->ep_world > 1) {
+    ParamInfo shard = {.ndim = 1, .shape = {(int64_t)(m->shard_hi - m->shard_lo)}};
+    for (int k = 0; k < ns; k++) {
+      snprintf(name, sizeof name, "%s.dense_shard", sb[k].prefix);
+      put_tensor(be, sb[k].buf, BUF_F32, need(l, name, &shard, cfg->checkpoint_dir, step),
+                 m->shard_hi - m->shard_lo, name);
     }
   }
   for (int li = 0; li < m->n_moe; li++) {

@@ -42,7 +42,27 @@ echo "ok: 1, 2 and 4 ranks train alike"
 # Bit-exact resume on 2 ranks: 12 straight versus 6 + resume to 12.
 run full 2 --steps=12 --checkpoint_every=0
 run half 2 --steps=6 --checkpoint_every=6
-ls "$T/ck_half/iter_0000006/rank_001.safetensors" >/dev/null || die "rank 1 wrote no checkpoint file"
+# ZeRO-2: each rank's file holds half of the dense optimizer state (one flat
+# shard), its own experts' state per tensor, and no per-tensor dense state.
+"$PY" - "$T/ck_half/iter_0000006" <<'PYEOF' || die "the checkpoint does not shard the dense optimizer state"
+import json, struct, sys
+def header(p):
+    with open(p, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        return json.loads(f.read(n))
+h0, h1 = (header(f"{sys.argv[1]}/rank_{r:03d}.safetensors") for r in (0, 1))
+dense = header(f"{sys.argv[1]}/dense.safetensors")
+for h in (h0, h1):
+    assert h["optim.exp_avg.dense_shard"]["shape"] == h0["optim.exp_avg_sq.dense_shard"]["shape"]
+    assert not any(k.startswith("optim.") and k[k.index(".", 6) + 1:] in dense for k in h), "per-tensor dense state"
+    assert any(k.startswith("optim.exp_avg.") and ".experts." in k for k in h), "no expert state"
+n = h0["optim.exp_avg.dense_shard"]["shape"][0]
+numel = sum(v["shape"][0] * (v["shape"][1] if len(v["shape"]) > 1 else 1)
+            for k, v in dense.items() if k != "__metadata__" and not k.endswith("router.bias"))
+assert numel <= 2 * n < numel + 64, (numel, n)
+e0 = h0["layers.1.ffn.experts.w13"]["shape"]
+assert e0[0] == 2, e0  # 4 experts over 2 ranks
+PYEOF
 NMOE_RUN=rest "$NMOE" launch -n 2 -- "$NMOE" train "$T/c.toml" --checkpoint_dir="$T/ck_half" --steps=12 \
   --checkpoint_every=0 --resume >"$T/rest.log" 2>&1 || { cat "$T/rest.log"; die "resume on 2 ranks failed"; }
 grep -q "resumed from" "$T/rest.log" || die "the second run did not resume"

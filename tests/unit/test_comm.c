@@ -116,6 +116,38 @@ static void test_all_reduce(void **state) {
   run_ok(3, check_all_reduce, NULL);
 }
 
+/* ---- ZeRO collectives ---- */
+
+/* reduce_scatter leaves the rank-order sum in this rank's slice; all_gather
+ * then hands every rank every slice (F32 kind; the CPU backend is float). */
+static int check_zero(int rank, int world, int port, void *arg) {
+  Comm *c = open_comm(rank, world, port, 30);
+  const size_t len = 37, n = len * (size_t)world;
+  float *buf = c->be->alloc(c->be, n * sizeof(float));
+  for (size_t i = 0; i < n; i++) buf[i] = (float)reduce_input(rank, i);
+  c->reduce_scatter(c, buf, n, BUF_F32);
+  for (size_t i = (size_t)rank * len; i < (size_t)(rank + 1) * len; i++) {
+    float want = (float)reduce_input(0, i);
+    for (int r = 1; r < world; r++) want += (float)reduce_input(r, i);
+    EXPECT(memcmp(&want, &buf[i], 4) == 0);
+  }
+  for (size_t i = 0; i < n; i++) /* every slice: its owner's tag */
+    if (i / len == (size_t)rank) buf[i] = (float)(1000 * rank + (int)i);
+    else buf[i] = -1.0f;
+  c->all_gather(c, buf, n, BUF_F32);
+  for (size_t i = 0; i < n; i++) EXPECT(buf[i] == (float)(1000 * (int)(i / len) + (int)i));
+  c->be->free(c->be, buf);
+  Backend *be = c->be;
+  c->destroy(c);
+  be->destroy(be);
+  return 0;
+}
+
+static void test_zero_collectives(void **state) {
+  run_ok(2, check_zero, NULL);
+  run_ok(3, check_zero, NULL);
+}
+
 /* ---- put_rows ---- */
 
 #define ROW 3     /* int32 per row */
@@ -311,6 +343,7 @@ int main(void) {
       cmocka_unit_test(test_single),
       cmocka_unit_test(test_all_gather_order),
       cmocka_unit_test(test_all_reduce),
+      cmocka_unit_test(test_zero_collectives),
       cmocka_unit_test(test_put_rows),
       cmocka_unit_test(test_sym_alloc_twice),
       cmocka_unit_test(test_peer_exit_fails),

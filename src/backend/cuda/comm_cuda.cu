@@ -239,13 +239,44 @@ static void cc_all_gather_host(Comm *c, void *out, const void *in, size_t bytes)
   gather_or_die(c, out, in, bytes, "host values");
 }
 
-static void cc_all_reduce(Comm *c, void *buf, size_t n, BufKind kind) {
+static ncclDataType_t nccl_type(BufKind kind, const char *what) {
   if (kind != BUF_ACT && kind != BUF_F32)
-    nmoe_fatal("comm cuda: all_reduce supports ACT and F32 buffers (got kind %d)", (int)kind);
+    nmoe_fatal("comm cuda: %s supports ACT and F32 buffers (got kind %d)", what, (int)kind);
+  return kind == BUF_ACT ? ncclBfloat16 : ncclFloat32;
+}
+
+static void cc_all_reduce(Comm *c, void *buf, size_t n, BufKind kind) {
+  ncclDataType_t t = nccl_type(kind, "all_reduce");
   if (n == 0) return;
   CudaComm *k = impl(c);
-  NCCL_CHECK(ncclAllReduce(buf, buf, n, kind == BUF_ACT ? ncclBfloat16 : ncclFloat32, ncclSum,
-                           k->nccl, k->stream));
+  NCCL_CHECK(ncclAllReduce(buf, buf, n, t, ncclSum, k->nccl, k->stream));
+}
+
+/* Slice length of a ZeRO collective over n elements; in place, NCCL wants
+ * this rank's slice at buf + rank * len. */
+static size_t zero_slice(Comm *c, size_t n, const char *what) {
+  if (n % (size_t)c->world)
+    nmoe_fatal("comm cuda: %s of %zu elements: not a multiple of the world size %d", what, n,
+               c->world);
+  return n / (size_t)c->world;
+}
+
+static void cc_reduce_scatter(Comm *c, void *buf, size_t n, BufKind kind) {
+  ncclDataType_t t = nccl_type(kind, "reduce_scatter");
+  size_t len = zero_slice(c, n, "reduce_scatter");
+  if (len == 0) return;
+  CudaComm *k = impl(c);
+  char *mine = (char *)buf + (size_t)c->rank * len * c->be->size[kind];
+  NCCL_CHECK(ncclReduceScatter(buf, mine, len, t, ncclSum, k->nccl, k->stream));
+}
+
+static void cc_all_gather(Comm *c, void *buf, size_t n, BufKind kind) {
+  ncclDataType_t t = nccl_type(kind, "all_gather");
+  size_t len = zero_slice(c, n, "all_gather");
+  if (len == 0) return;
+  CudaComm *k = impl(c);
+  const char *mine = (const char *)buf + (size_t)c->rank * len * c->be->size[kind];
+  NCCL_CHECK(ncclAllGather(mine, buf, len, t, k->nccl, k->stream));
 }
 
 /* The symmetric buffer holding p, or NULL. */
@@ -458,6 +489,8 @@ extern "C" Comm *comm_cuda_open(const DistInfo *di, Backend *be, Store *st) {
   c->store = st;
   c->impl = k;
   c->all_reduce = cc_all_reduce;
+  c->reduce_scatter = cc_reduce_scatter;
+  c->all_gather = cc_all_gather;
   c->all_gather_host = cc_all_gather_host;
   c->sym_alloc = cc_sym_alloc;
   c->put_rows = cc_put_rows;
