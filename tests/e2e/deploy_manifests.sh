@@ -55,7 +55,7 @@ for path in sorted(glob.glob("k8s/*.yaml")):
                    f"{path}: a document lacks apiVersion, kind or metadata.name")
         if ok:
             docs.setdefault(os.path.basename(path), []).append(d)
-for name in ("pvc.yaml", "train.yaml", "data-prep.yaml", "nviz.yaml"):
+for name in ("pvc.yaml", "train.yaml", "train-multi-gpu.yaml", "data-prep.yaml", "nviz.yaml"):
     check(name in docs, f"k8s/{name}: missing")
 if errors:
     sys.exit("\n".join("FAIL: " + e for e in errors))
@@ -121,7 +121,7 @@ for fname, ds in docs.items():
 repos = {re.sub(r":[^:/]*$", "", i) for i in images.values()}
 check(len(repos) == 1, f"containers name different image repositories: {images}")
 for cw, img in images.items():
-    want = gpu_image if cw.startswith("k8s/train.yaml") else cpu_image
+    want = gpu_image if cw.startswith("k8s/train") else cpu_image
     check(img == want, f"{cw}: image {img}, expected {want} (docker/README.md)")
 
 # ---- train.yaml: one GPU, nvidia runtime, shm, resume, a real config
@@ -144,6 +144,27 @@ check("--resume" in targs, "train.yaml: restarts need --resume")
 cfg = targs[1] if len(targs) > 1 else ""
 check(cfg.startswith("/workspace/configs/") and os.path.isfile(cfg.replace("/workspace/", "", 1)),
       f"train.yaml: config {cfg!r} is not a file of configs/ (/workspace/configs/ in the image)")
+
+# ---- train-multi-gpu.yaml: `nmoe launch -n N -- nmoe train ...` on the N GPUs it asks for
+mjob = one("train-multi-gpu.yaml", "Job")
+mspec = pod_spec(mjob)
+mc = mspec["containers"][0] if mspec.get("containers") else {}
+margs = run_lines.get(("train-multi-gpu.yaml", mc.get("name")), [])
+check(margs[:2] == ["launch", "-n"] and len(margs) > 4 and margs[3] == "--",
+      f"train-multi-gpu.yaml: args are not `launch -n N -- ...`: {margs}")
+ngpu = margs[2] if len(margs) > 2 else "?"
+mres = mc.get("resources", {})
+check(str(mres.get("limits", {}).get("nvidia.com/gpu")) == ngpu,
+      f"train-multi-gpu.yaml: launches {ngpu} ranks but limits nvidia.com/gpu is "
+      f"{mres.get('limits', {}).get('nvidia.com/gpu')}")
+check(mspec.get("runtimeClassName") == "nvidia", "train-multi-gpu.yaml: runtimeClassName is not nvidia")
+inner = margs[4:]
+check(inner[:1] == ["/usr/local/bin/nmoe"] and inner[1:2] == ["train"] and "--resume" in inner,
+      f"train-multi-gpu.yaml: the ranks do not run `/usr/local/bin/nmoe train ... --resume`: {inner}")
+mcfg = inner[2] if len(inner) > 2 else ""
+check(mcfg.startswith("/workspace/configs/") and os.path.isfile(mcfg.replace("/workspace/", "", 1)),
+      f"train-multi-gpu.yaml: config {mcfg!r} is not a file of configs/")
+check(any(m["mountPath"] == "/dev/shm" for m in mc.get("volumeMounts", [])), "train-multi-gpu.yaml: no /dev/shm")
 
 # ---- nviz.yaml: selector, Service, probes, read-only data
 dep, svc = one("nviz.yaml", "Deployment"), one("nviz.yaml", "Service")
@@ -181,6 +202,12 @@ def nmoe(args, what):
     return p
 
 printed = nmoe(local(targs[:2]) + ["--print-config"] + local(targs[2:]), "train.yaml").stdout if targs else ""
+if len(inner) > 2:
+    mprinted = nmoe(local(inner[1:3]) + ["--print-config"] + local(inner[3:]), "train-multi-gpu.yaml").stdout
+    e = re.search(r"^n_routed_experts = (\d+)", mprinted, re.M)
+    b = re.search(r"^batch_size = (\d+)", mprinted, re.M)
+    check(e and b and ngpu.isdigit() and int(e.group(1)) % int(ngpu) == 0 and int(b.group(1)) % int(ngpu) == 0,
+          f"train-multi-gpu.yaml: experts/batch of {mcfg} do not divide over {ngpu} ranks")
 os.makedirs(f"{T}/data/raw/fineweb_edu")
 with open(f"{T}/data/raw/fineweb_edu/part0.jsonl", "w") as f:
     for i in range(3):
