@@ -85,6 +85,7 @@ static int env_port(const char *name, int def) {
 
 Comm *comm_open(const DistInfo *di, Backend *be) {
   if (di->world == 1) return comm_single_open(be);
+  log_set_rank(di->rank, di->world); /* every message of a rank names it */
   const char *addr = getenv("MASTER_ADDR");
   if (!addr || !*addr) addr = "127.0.0.1";
   int master_port = env_port("MASTER_PORT", 29500);
@@ -101,7 +102,7 @@ Comm *comm_open(const DistInfo *di, Backend *be) {
   }
   char err[512];
   Store *st = store_open(di->rank, di->world, addr, port, timeout_s, err, sizeof err);
-  if (!st) nmoe_fatal("rank %d: rendezvous at %s:%d failed: %s", di->rank, addr, port, err);
+  if (!st) nmoe_fatal("rendezvous at %s:%d failed: %s", addr, port, err);
   if (!strcmp(be->name, "cpu")) return comm_shm_open(di, be, st);
 #ifdef NMOE_CUDA
   if (!strcmp(be->name, "cuda")) return comm_cuda_open(di, be, st);

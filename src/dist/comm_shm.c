@@ -39,14 +39,14 @@ static void shm_gather(Comm *c, void *out, const void *in, size_t bytes, const c
   char err[512];
   atomic_thread_fence(memory_order_seq_cst);
   if (store_all_gather(c->store, out, in, bytes, err, sizeof err))
-    nmoe_fatal("rank %d: %s: %s", c->rank, what, err);
+    nmoe_fatal("%s: %s", what, err);
   atomic_thread_fence(memory_order_seq_cst);
 }
 
 static void shm_sync(Comm *c, const char *what) {
   char err[512];
   atomic_thread_fence(memory_order_seq_cst);
-  if (store_barrier(c->store, err, sizeof err)) nmoe_fatal("rank %d: %s: %s", c->rank, what, err);
+  if (store_barrier(c->store, err, sizeof err)) nmoe_fatal("%s: %s", what, err);
   atomic_thread_fence(memory_order_seq_cst);
 }
 
@@ -61,7 +61,7 @@ static ShmMap shm_map_new(Comm *c, size_t bytes) {
   ShmState *s = c->impl;
   ShmMap m = {.bytes = bytes, .slot = bytes ? (bytes + 63) / 64 * 64 : 64};
   size_t total = m.slot * (size_t)c->world;
-  if (total / (size_t)c->world != m.slot) nmoe_fatal("rank %d: sym_alloc of %zu bytes overflows", c->rank, bytes);
+  if (total / (size_t)c->world != m.slot) nmoe_fatal("sym_alloc of %zu bytes overflows", bytes);
   /* Every rank sends its size and rank 0's name; all check the sizes agree. */
   struct { uint64_t bytes; char name[48]; } mine = {.bytes = bytes}, *all;
   if (c->rank == 0) {
@@ -72,11 +72,11 @@ static ShmMap shm_map_new(Comm *c, size_t bytes) {
   int fd = -1;
   if (c->rank == 0) {
     fd = shm_open(mine.name, O_CREAT | O_EXCL | O_RDWR | O_CLOEXEC, 0600);
-    if (fd < 0) nmoe_fatal("rank 0: shm_open %s: %s", mine.name, strerror(errno));
+    if (fd < 0) nmoe_fatal("shm_open %s: %s", mine.name, strerror(errno));
     if (ftruncate(fd, (off_t)total)) {
       int e = errno;
       shm_unlink(mine.name);
-      nmoe_fatal("rank 0: cannot size shared memory %s to %zu bytes: %s", mine.name, total, strerror(e));
+      nmoe_fatal("cannot size shared memory %s to %zu bytes: %s", mine.name, total, strerror(e));
     }
   }
   all = xmalloc(sizeof *all * (size_t)c->world);
@@ -84,19 +84,19 @@ static ShmMap shm_map_new(Comm *c, size_t bytes) {
   for (int r = 1; r < c->world; r++)
     if (all[r].bytes != all[0].bytes) {
       if (c->rank == 0) shm_unlink(mine.name);
-      nmoe_fatal("rank %d: sym_alloc sizes differ: rank %d asked for %llu bytes, rank 0 for %llu",
-                 c->rank, r, (unsigned long long)all[r].bytes, (unsigned long long)all[0].bytes);
+      nmoe_fatal("sym_alloc sizes differ: rank %d asked for %llu bytes, rank 0 for %llu",
+                 r, (unsigned long long)all[r].bytes, (unsigned long long)all[0].bytes);
     }
   if (c->rank != 0) {
     fd = shm_open(all[0].name, O_RDWR | O_CLOEXEC, 0);
-    if (fd < 0) nmoe_fatal("rank %d: shm_open %s: %s", c->rank, all[0].name, strerror(errno));
+    if (fd < 0) nmoe_fatal("shm_open %s: %s", all[0].name, strerror(errno));
   }
   m.base = mmap(NULL, total, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
   int map_errno = errno;
   close(fd);
   if (m.base == MAP_FAILED) {
     if (c->rank == 0) shm_unlink(mine.name);
-    nmoe_fatal("rank %d: cannot map %zu bytes of shared memory: %s", c->rank, total,
+    nmoe_fatal("cannot map %zu bytes of shared memory: %s", total,
                strerror(map_errno));
   }
   /* Every rank holds a mapping now; a failed peer fails this barrier, and
@@ -104,7 +104,7 @@ static ShmMap shm_map_new(Comm *c, size_t bytes) {
   char err[512];
   int rc = store_barrier(c->store, err, sizeof err);
   if (c->rank == 0) shm_unlink(mine.name);
-  if (rc) nmoe_fatal("rank %d: sym_alloc: %s", c->rank, err);
+  if (rc) nmoe_fatal("sym_alloc: %s", err);
   free(all);
   return m;
 }
@@ -132,16 +132,16 @@ static void shm_put_rows(Comm *c, void *dst, const void *src, size_t row_bytes,
       off = (size_t)((unsigned char *)dst - mine);
     }
   }
-  if (!m) nmoe_fatal("rank %d: put_rows: dst is not a buffer from sym_alloc", c->rank);
+  if (!m) nmoe_fatal("put_rows: dst is not a buffer from sym_alloc");
   /* Entry: every rank has arrived, so nobody still reads what dst held. */
   shm_sync(c, "put_rows");
   for (int i = 0; i < nseg; i++) {
     const CommSeg *g = &segs[i];
     if (g->peer < 0 || g->peer >= c->world || g->rows < 0 || g->src_row < 0 || g->dst_row < 0 ||
         off + (size_t)(g->dst_row + g->rows) * row_bytes > m->bytes)
-      nmoe_fatal("rank %d: put_rows: segment %d (peer %d, dst rows %lld..%lld of %zu bytes each) "
+      nmoe_fatal("put_rows: segment %d (peer %d, dst rows %lld..%lld of %zu bytes each) "
                  "falls outside the %zu-byte symmetric buffer",
-                 c->rank, i, g->peer, (long long)g->dst_row, (long long)(g->dst_row + g->rows),
+                 i, g->peer, (long long)g->dst_row, (long long)(g->dst_row + g->rows),
                  row_bytes, m->bytes);
     if (g->rows > 0)
       memcpy(m->base + (size_t)g->peer * m->slot + off + (size_t)g->dst_row * row_bytes,
@@ -172,12 +172,12 @@ static size_t shm_stage(Comm *c, const void *buf, size_t n, BufKind kind, const 
   ShmState *s = c->impl;
   size_t es = c->be->size[kind];
   if (kind == BUF_I32 || (es != 4 && es != 8))
-    nmoe_fatal("rank %d: %s supports float and double buffers only", c->rank, what);
+    nmoe_fatal("%s supports float and double buffers only", what);
   uint64_t mine = n, *all = xmalloc(sizeof *all * (size_t)c->world);
   shm_gather(c, all, &mine, sizeof mine, what);
   for (int r = 1; r < c->world; r++)
     if (all[r] != all[0])
-      nmoe_fatal("rank %d: %s sizes differ: rank %d has %llu elements, rank 0 %llu", c->rank, what,
+      nmoe_fatal("%s sizes differ: rank %d has %llu elements, rank 0 %llu", what,
                  r, (unsigned long long)all[r], (unsigned long long)all[0]);
   free(all);
   if (n == 0) return 0;
@@ -201,7 +201,7 @@ static void shm_all_reduce(Comm *c, void *buf, size_t n, BufKind kind) {
 
 static size_t shm_slice(Comm *c, size_t n, const char *what) {
   if (n % (size_t)c->world)
-    nmoe_fatal("rank %d: %s of %zu elements: not a multiple of the world size %d", c->rank, what, n,
+    nmoe_fatal("%s of %zu elements: not a multiple of the world size %d", what, n,
                c->world);
   return n / (size_t)c->world;
 }
@@ -239,8 +239,8 @@ static void shm_destroy(Comm *c) {
 
 Comm *comm_shm_open(const DistInfo *di, Backend *be, struct Store *st) {
   if (di->local_world != di->world)
-    nmoe_fatal("rank %d: CPU ranks share memory, so all %d must run on one host (this host has %d)",
-               di->rank, di->world, di->local_world);
+    nmoe_fatal("CPU ranks share memory, so all %d must run on one host (this host has %d)",
+               di->world, di->local_world);
   Comm *c = xcalloc(1, sizeof *c);
   c->rank = di->rank;
   c->world = di->world;

@@ -326,7 +326,11 @@ int train_main(int argc, char **argv) {
     prog.tokens_seen += tokens_per_step;
     steps_in_window++;
 
-    int last = s == cfg.steps || g_stop_signal;
+    /* A signal stops every rank after the same step (it may reach the ranks
+     * on either side of a step boundary): they agree on it. */
+    int stop = g_stop_signal != 0;
+    if (comm->world > 1) stop = comm_sum_i64(comm, stop) > 0;
+    int last = s == cfg.steps || stop;
     if (s == 1 || s % cfg.log_every == 0 || last) {
       be->sync(be);
       double dt = now_s() - t_window;
@@ -389,9 +393,8 @@ int train_main(int argc, char **argv) {
       CkptSnapshot *snap = train_state_snapshot(m, loader, &cfg, &di, &prog, git_hash);
       if (ckpt_save_async(ck, snap, err, sizeof err)) nmoe_fatal("checkpoint: %s", err);
     }
-    if (g_stop_signal) {
-      log_warn("signal %d: stopping after step %lld (checkpoint saved)", (int)g_stop_signal,
-               (long long)s);
+    if (stop) {
+      log_warn("stopping on a signal after step %lld (checkpoint saved)", (long long)s);
       status = "killed";
       break;
     }

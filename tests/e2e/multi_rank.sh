@@ -69,6 +69,21 @@ grep -q "resumed from" "$T/rest.log" || die "the second run did not resume"
 cmp -s <(rank_losses full 0 | awk -F'|' '$1 > 6') <(rank_losses rest 0) || die "resumed losses differ"
 echo "ok: 2-rank resume bit-exact"
 
+# A SIGTERM that reaches only rank 1 stops both ranks after the same step with a
+# finalised checkpoint, and the run is marked killed.
+NMOE_RUN=sig "$NMOE" launch -n 2 -- "$NMOE" train "$T/c.toml" --checkpoint_dir="$T/ck_sig" --steps=100000 \
+  --checkpoint_every=0 >"$T/sig.log" 2>&1 &
+lpid=$!
+for _ in $(seq 1 200); do grep -q "step " "$T/sig.log" 2>/dev/null && break; sleep 0.05; done
+r1=$(pgrep -P "$lpid" | sort -n | tail -1)
+[ -n "$r1" ] || die "no rank processes under the launcher"
+kill -TERM "$r1"
+wait "$lpid" && die "a stopped run exited 0" || true
+step=$(cat "$T/ck_sig/latest_checkpointed_iteration.txt" 2>/dev/null) || { cat "$T/sig.log"; die "no finalised checkpoint after SIGTERM"; }
+"$NMOE" ckpt verify "$T/ck_sig" >/dev/null || die "the checkpoint after SIGTERM does not verify"
+[ "$(sqlite3 "$T/experiments.db" "select status from runs where id='sig'")" = killed ] || die "run not marked killed"
+echo "ok: SIGTERM to one rank stops both at step $step"
+
 # Bad set-ups: one line, non-zero exit, nothing hangs.
 expect_fail() { # pattern, ranks, extra args...
   local pat=$1 n=$2; shift 2
