@@ -84,6 +84,12 @@ step=$(cat "$T/ck_sig/latest_checkpointed_iteration.txt" 2>/dev/null) || { cat "
 [ "$(sqlite3 "$T/experiments.db" "select status from runs where id='sig'")" = killed ] || die "run not marked killed"
 echo "ok: SIGTERM to one rank stops both at step $step"
 
+# bench train under the launcher: one JSON line (rank 0) counting every rank's tokens.
+"$NMOE" launch -n 2 -- "$NMOE" bench train "$T/c.toml" --steps 1 --warmup 0 >"$T/bench.log" 2>&1 ||
+  { cat "$T/bench.log"; die "bench train on 2 ranks failed"; }
+[ "$(grep -c '"bench":"train"' "$T/bench.log")" -eq 1 ] && grep -q '"world":2' "$T/bench.log" ||
+  { cat "$T/bench.log"; die "bench train on 2 ranks: expected one JSON line with world 2"; }
+
 # Bad set-ups: one line, non-zero exit, nothing hangs.
 expect_fail() { # pattern, ranks, extra args...
   local pat=$1 n=$2; shift 2
