@@ -7,6 +7,7 @@
 #include "data/data_cli.h"
 #include "data/tokenizer.h"
 #include "dist/launch.h"
+#include "eval/eval.h"
 #include "train/ckpt.h"
 #include "train/train.h"
 #include "viz/viz.h"
@@ -44,6 +45,7 @@ typedef struct Command {
 static const Command COMMANDS[] = {
     {"train", train_main, "train a model: nmoe train CONFIG [--key=value ...]"},
     {"data", data_main, "prepare, verify and inspect token shards (prep|verify|info|inspect|regenerate-index)"},
+    {"eval", eval_main, "score multiple-choice tasks on a checkpoint: nmoe eval CONFIG [--checkpoint-dir DIR] [--step N]"},
     {"ckpt", ckpt_main, "inspect checkpoints (list|info|verify)"},
     {"bench", bench_main, "benchmarks printing one JSON line per measurement (tokenizer, train)"},
     {"launch", launch_main, "run N ranks of a command on this host: nmoe launch -n N [--] CMD [ARGS...]"},

@@ -107,9 +107,17 @@ X(INT,   validation_steps,        100,             0,          "batches per vali
 /* ---- metrics ---- */
 X(STR,   metrics_dir,             "/data/metrics", 0,          "per-rank metrics databases")
 X(STR,   experiments_db,          "/data/experiments.db", 0,   "SQLite experiments/runs database")
+/* ---- eval (src/eval) ---- */
+X(BOOL,  eval_enabled,            false,           0,          "scheduled eval of each finalised checkpoint (eval_mode)")
+X(STR,   eval_mode,               "reserved_gpu",  0,          "scheduled eval: inline | reserved_gpu | k8s_job")
+X(INT,   eval_every,              0,               0,          "in-loop choice eval every N steps (0 = off; not gated by eval_enabled)")
+X(STR,   eval_tasks,              "core",          0,          "all | core (both: every task of eval_tasks_file) | comma list of task names")
+X(STR,   eval_tasks_file,         "configs/eval/tasks.toml", 0, "task list TOML ([[task]] name/source/fewshot/scorer)")
+X(INT,   eval_budget_max_examples, 500,            0,          "scored examples per task (after the fewshot ones)")
+X(FLOAT, eval_budget_max_time_s,  300.0,           0,          "time budget of one eval pass over all tasks (0 = none)")
+X(INT,   eval_reserved_gpu_id,    7,               0,          "reserved_gpu mode: CUDA_VISIBLE_DEVICES of the eval process")
 /* ---- not supported yet (reference placeholders) ---- */
 X(BOOL,  sft_enabled,             false,           CF_UNSUP,   "SFT")
 X(BOOL,  rl_enabled,              false,           CF_UNSUP,   "RL")
 X(BOOL,  profiling_enabled,       false,           CF_UNSUP,   "profiling")
-X(BOOL,  eval_enabled,            false,           CF_UNSUP,   "scheduled eval")
-X(INT,   eval_every,              0,               CF_UNSUP,   "in-loop choice eval")
+

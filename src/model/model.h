@@ -144,6 +144,14 @@ double model_train_step_grads(Model *m, const int32_t *inputs, const int32_t *ta
 double model_eval_loss(Model *m, const int32_t *inputs, const int32_t *targets, int B, int T,
                        int64_t *n_valid);
 
+/* Forward only, for scoring: row_loss[b] = summed cross-entropy over the
+ * targets of row b (of this rank's B rows of T) that are not ignore_id. The
+ * ignore id must be >= 0 (xent masks only then) and is best outside the
+ * vocabulary (the vocabulary size V), so no real token is ever skipped.
+ * Collective (every rank calls it equally often). */
+void model_score_rows(Model *m, const int32_t *inputs, const int32_t *targets, int B, int T,
+                      int32_t ignore_id, double *row_loss);
+
 /* Aux-loss-free balancing: bias -= rate * (sign(load - 1/E) - mean(sign)),
  * clamped to [-16, 16]; counts [n_moe, E] are assignments summed over ranks. */
 void model_update_router_bias(Model *m, const int32_t *counts, double rate);

@@ -661,6 +661,18 @@ double model_eval_loss(Model *m, const int32_t *inputs, const int32_t *targets, 
   return loss_sum;
 }
 
+void model_score_rows(Model *m, const int32_t *inputs, const int32_t *targets, int B, int T,
+                      int32_t ignore_id, double *row_loss) {
+  NMOE_ASSERT(ignore_id >= 0);
+  forward_trunk(m, inputs, targets, B, T);
+  Backend *be = m->be;
+  const size_t row_bytes = (size_t)T * m->d.D * be->size[BUF_ACT];
+  for (int b = 0; b < B; b++)
+    row_loss[b] = be->xent(be, NULL, NULL, (const char *)m->xf + b * row_bytes, W(m, m->lm_head),
+                           (const int32_t *)m->tok_tgt + (size_t)b * T, T, m->d.D, m->d.V,
+                           (float)m->cfg.logits_scale, ignore_id, 0);
+}
+
 double model_train_step_grads(Model *m, const int32_t *inputs, const int32_t *targets, int B, int T) {
   Backend *be = m->be;
   forward_trunk(m, inputs, targets, B, T);

@@ -2,7 +2,8 @@
  *
  * Step order (reference section 3): lr -> loader (wait timed) -> forward +
  * backward -> non-finite check -> grad norm (optional clip) -> AdamW ->
- * router bias update -> log -> validation -> checkpoint. Steps are counted
+ * router bias update -> log -> validation -> choice eval (eval_every) ->
+ * checkpoint (then the scheduled eval when eval_enabled). Steps are counted
  * from 1: after step s completes, s*batch_size*seq_len tokens have been seen
  * and a checkpoint of step s resumes at step s+1. */
 #include "train/train.h"
@@ -23,6 +24,7 @@
 #include "core/fsutil.h"
 #include "dist/comm.h"
 #include "dist/dist.h"
+#include "eval/eval.h"
 #include "model/model.h"
 #include "train/ckpt.h"
 #include "train/ckpt_dir.h"
@@ -235,9 +237,13 @@ int train_main(int argc, char **argv) {
                di.world);
   const int B = (int)(cfg.batch_size / di.world), T = (int)cfg.seq_len;
 
-  /* Data first: a missing or corrupt shard fails before a large model is built. */
+  /* Data and eval tasks first: a missing or corrupt shard or task file fails
+   * before a large model is built. */
   Loader *loader = loader_open(&cfg, NULL, di.rank, di.world, err, sizeof err);
   if (!loader) nmoe_fatal("%s", err);
+  if (cfg.eval_enabled) eval_check_mode(&cfg);
+  EvalSuite *evals = cfg.eval_every > 0 || cfg.eval_enabled ? eval_suite_open(&cfg) : NULL;
+  EvalResult *eval_res = evals ? xcalloc((size_t)evals->n, sizeof *eval_res) : NULL;
   Backend *be = backend_open(cfg.device, di.local_rank);
   Comm *comm = comm_open(&di, be);
   Model *m = model_create(&cfg, be, comm);
@@ -377,6 +383,11 @@ int train_main(int argc, char **argv) {
     }
     if (do_validate && (s % cfg.validation_every == 0 || s == cfg.steps))
       validate(m, &cfg, &di, s, rec.metrics, tok_bytes);
+    if (cfg.eval_every > 0 && s % cfg.eval_every == 0) {
+      eval_suite_score(m, evals, B, T, cfg.eval_budget_max_time_s, eval_res);
+      eval_report(rec.metrics, s, eval_res, evals->n);
+      if (metrics_flush(rec.metrics, err, sizeof err)) nmoe_fatal("%s", err);
+    }
     if ((cfg.checkpoint_every > 0 && s % cfg.checkpoint_every == 0) || last) {
       if (comm->world > 1) {
         /* A directory of this step left by an unfinished earlier attempt holds
@@ -392,6 +403,10 @@ int train_main(int argc, char **argv) {
       }
       CkptSnapshot *snap = train_state_snapshot(m, loader, &cfg, &di, &prog, git_hash);
       if (ckpt_save_async(ck, snap, err, sizeof err)) nmoe_fatal("checkpoint: %s", err);
+      if (cfg.eval_enabled) { /* the step must be finalised before an eval can load it */
+        if (ckpt_wait(ck, err, sizeof err)) nmoe_fatal("checkpoint: %s", err);
+        if (di.rank == 0) eval_schedule(&cfg, rec.run_id, s);
+      }
     }
     if (stop) {
       log_warn("stopping on a signal after step %lld (checkpoint saved)", (long long)s);
@@ -422,6 +437,8 @@ int train_main(int argc, char **argv) {
   free(inputs);
   free(targets);
   free(tok_bytes);
+  free(eval_res);
+  eval_suite_free(evals);
   loader_close(loader);
   model_free(m);
   comm->destroy(comm);

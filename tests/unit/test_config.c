@@ -400,8 +400,8 @@ static void test_config_missing_required(void **state) {
 static void test_config_unsupported(void **state) {
   config_fails("sft_enabled = false\n", 0, NULL, "sft_enabled is not supported yet (SFT)");
   config_fails("muon_momentum = 0.9\n", 0, NULL, ":16:17: muon_momentum is not supported yet (Muon momentum");
-  char *argv[] = {"--eval_every=5"};
-  config_fails("", 1, argv, "argument --eval_every: eval_every is not supported yet (in-loop choice eval)");
+  char *argv[] = {"--profiling_enabled=true"};
+  config_fails("", 1, argv, "argument --profiling_enabled: profiling_enabled is not supported yet (profiling)");
   setenv("NMOE_HF_DATASET", "x", 1);
   config_fails("", 0, NULL, "environment NMOE_HF_DATASET: hf_dataset is not supported yet");
   unsetenv("NMOE_HF_DATASET");
