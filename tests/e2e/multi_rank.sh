@@ -84,6 +84,27 @@ step=$(cat "$T/ck_sig/latest_checkpointed_iteration.txt" 2>/dev/null) || { cat "
 [ "$(sqlite3 "$T/experiments.db" "select status from runs where id='sig'")" = killed ] || die "run not marked killed"
 echo "ok: SIGTERM to one rank stops both at step $step"
 
+# kill -9 of rank 1 while checkpoints are being written (3 times): the newest
+# finalised checkpoint verifies and both ranks resume from it.
+for trial in 1 2 3; do
+  NMOE_TEST_CKPT_SLOW_MS=20 NMOE_RUN=crash$trial "$NMOE" launch -n 2 -- "$NMOE" train "$T/c.toml" \
+    --checkpoint_dir="$T/ck_crash" --steps=100000 --checkpoint_every=2 --checkpoint_keep_last_n=2 --resume \
+    >"$T/crash.log" 2>&1 &
+  lpid=$!
+  for _ in $(seq 1 300); do [ -f "$T/ck_crash/latest_checkpointed_iteration.txt" ] && break; sleep 0.05; done
+  sleep "0.$(( RANDOM % 10 ))"
+  r1=$(pgrep -P "$lpid" | sort -n | tail -1)
+  [ -n "$r1" ] && kill -9 "$r1"
+  wait "$lpid" && die "crash trial $trial: the run exited 0 after a rank was killed" || true
+  "$NMOE" ckpt verify "$T/ck_crash" >/dev/null || die "crash trial $trial: the newest checkpoint does not verify"
+done
+latest=$(cat "$T/ck_crash/latest_checkpointed_iteration.txt")
+NMOE_RUN=crash_end "$NMOE" launch -n 2 -- "$NMOE" train "$T/c.toml" --checkpoint_dir="$T/ck_crash" \
+  --steps=$((latest + 2)) --checkpoint_every=0 --resume >"$T/crash_end.log" 2>&1 ||
+  { cat "$T/crash_end.log"; die "resume after the kills failed"; }
+grep -q "resumed from" "$T/crash_end.log" || die "no resume after the kills"
+echo "ok: 3 kills of rank 1, resumed from step $latest"
+
 # bench train under the launcher: one JSON line (rank 0) counting every rank's tokens.
 "$NMOE" launch -n 2 -- "$NMOE" bench train "$T/c.toml" --steps 1 --warmup 0 >"$T/bench.log" 2>&1 ||
   { cat "$T/bench.log"; die "bench train on 2 ranks failed"; }
