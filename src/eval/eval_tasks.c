@@ -170,8 +170,8 @@ static int task_parse(const TomlValue *tv, const char *file, const char *dir, Ev
     int ok = 0;
     for (int i = 0; keys[i]; i++) ok |= !strcmp(tv->keys[k], keys[i]);
     if (!ok)
-      return fail(err, errlen, "%s:%d: unknown task key '%s' (name, source, fewshot, scorer, baseline)",
-                  file, tv->items[k]->line, tv->keys[k]);
+      return fail(err, errlen, "%s:%d:%d: unknown task key '%s' (name, source, fewshot, scorer, baseline)",
+                  file, tv->items[k]->line, tv->items[k]->col, tv->keys[k]);
   }
   const char *name = str_key(tv, "name"), *src = str_key(tv, "source");
   if (!name || !name[0] || strchr(name, ','))
@@ -286,7 +286,7 @@ int eval_suite_tokenize(EvalSuite *s, const Tokenizer *tok, int vocab_size, int 
       if (encode(tok, e->prompt, vocab_size, &e->prompt_ids, &e->n_prompt, &buf, &cap)) bad = "context";
       e->choice_ids = xcalloc((size_t)e->n_choices, sizeof *e->choice_ids);
       e->n_choice_ids = xcalloc((size_t)e->n_choices, sizeof *e->n_choice_ids);
-      for (int c = 0; c < e->n_choices && !bad; c++) {
+      for (int c = 0; c < e->n_choices && !bad && !rc; c++) {
         if (encode(tok, e->choices[c], vocab_size, &e->choice_ids[c], &e->n_choice_ids[c], &buf, &cap))
           bad = "choice";
         else if (e->n_choice_ids[c] > seq_len)

@@ -384,9 +384,10 @@ int train_main(int argc, char **argv) {
     if (do_validate && (s % cfg.validation_every == 0 || s == cfg.steps))
       validate(m, &cfg, &di, s, rec.metrics, tok_bytes);
     if (cfg.eval_every > 0 && s % cfg.eval_every == 0) {
-      eval_suite_score(m, evals, B, T, cfg.eval_budget_max_time_s, eval_res);
+      double ms = eval_suite_score(m, evals, B, T, cfg.eval_budget_max_time_s, eval_res);
       eval_report(rec.metrics, s, eval_res, evals->n);
       if (metrics_flush(rec.metrics, err, sizeof err)) nmoe_fatal("%s", err);
+      t_window += ms / 1000; /* the eval's time is not training throughput */
     }
     if ((cfg.checkpoint_every > 0 && s % cfg.checkpoint_every == 0) || last) {
       if (comm->world > 1) {
