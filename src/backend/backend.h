@@ -97,6 +97,11 @@ struct Backend {
                        const int32_t *off, const int32_t *off_host, int E, int M, int N, int K);
   /* y = a + b elementwise (y may alias a or b). */
   void (*add)(Backend *be, void *y, const void *a, const void *b, size_t n);
+  /* Linear-layer bias: y [N, C] += b [C] on every row (y, b ACT). */
+  void (*bias_add)(Backend *be, void *y, const void *b, int N, int C);
+  /* Its gradient: db [C] += column sums of dy [N, C] (ACT; fp32 sums over rows
+   * in a fixed order, one rounding into db). */
+  void (*bias_grad)(Backend *be, void *db, const void *dy, int N, int C);
   /* Sum of squares of an ACT buffer, in double on the host (deterministic). */
   double (*sumsq)(Backend *be, const void *x, size_t n);
 
@@ -128,14 +133,22 @@ struct Backend {
 
   /* ---- attention ---- */
   /* o [N, Hq*dv] = softmax(scale * q k^T + causal/window mask) v, per sequence
-   * and head; lse F32 [B, Hq, T] = log-sum-exp of the scaled, masked scores. */
+   * and head; lse F32 [B, Hq, T] = log-sum-exp of the scaled, masked scores.
+   * sinks (F32 [Hq], NULL = none): a learned logit s_h per query head that
+   * joins each softmax denominator with a zero value (gpt-oss attention sinks):
+   *   p_ij = exp(z_ij) / (exp(s_h) + sum_j' exp(z_ij')),  o_i = sum_j p_ij v_j,
+   * z = scale * q k^T; lse then includes the sink: lse_i = log(exp(s_h) + sum_j exp(z_ij)). */
   void (*attn_fwd)(Backend *be, void *o, void *lse, const void *q, const void *k,
-                   const void *v, const AttnShape *s);
+                   const void *v, const void *sinks, const AttnShape *s);
   /* dq, dk, dv (same strides as q, k, v) are written (not accumulated);
-   * columns outside the q/k/v regions of a packed buffer are left unchanged. */
-  void (*attn_bwd)(Backend *be, void *dq, void *dk, void *dv, const void *dout, const void *q,
-                   const void *k, const void *v, const void *o, const void *lse,
-                   const AttnShape *s);
+   * columns outside the q/k/v regions of a packed buffer are left unchanged.
+   * sinks as in attn_fwd (lse must come from a forward with the same sinks);
+   * with sinks, dsinks (F32 [Hq]) += dL/ds_h = -sum over (b, i) of
+   * exp(s_h - lse_i) * D_i, D_i = sum_c dO_ic O_ic, summed in a fixed order.
+   * dsinks must be NULL when sinks is. */
+  void (*attn_bwd)(Backend *be, void *dq, void *dk, void *dv, void *dsinks, const void *dout,
+                   const void *q, const void *k, const void *v, const void *o, const void *lse,
+                   const void *sinks, const AttnShape *s);
   /* MLA key/value assembly. kv [N, H*(dn+dv)] holds per head [k_nope | v];
    * kr is the shared rope key (row stride ldkr, dr columns).
    *   k [N, H, dn+dr] = [kv_nope_h | kr];  v [N, H, dv] = kv_v_h */

@@ -307,7 +307,7 @@ int config_validate(const Config *c, char *err, size_t errlen) {
   static const char *const narrow[] = {
       "vocab_size", "eos_token_id", "dim", "n_layers", "n_heads", "inter_dim", "moe_inter_dim",
       "n_routed_experts", "n_activated_experts", "n_shared_experts", "n_dense_layers", "attn_global_every",
-      "attn_local_window", "n_kv_heads", "head_dim", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim",
+      "attn_local_window", "swa_kv_heads", "n_kv_heads", "head_dim", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim",
       "qk_rope_head_dim", "v_head_dim", "max_position_embeddings", "batch_size", "seq_len",
       "checkpoint_keep_last_n", NULL};
   for (int i = 0; i < NFIELDS; i++)
@@ -367,10 +367,24 @@ int config_validate(const Config *c, char *err, size_t errlen) {
       BAD("qk_rope_head_dim must be even and > 0 (got %lld)", (long long)c->qk_rope_head_dim);
   }
   NEED_INT(attn_global_every, >= 1, ">= 1");
+  NEED_INT(swa_kv_heads, >= 0, ">= 0");
   if (c->attn_global_every > 1) {
     if (strcmp(c->attn_local, "swa"))
       BAD("attn_local='%s' is not supported yet (only swa, with attn_global_every > 1)", c->attn_local);
     NEED_INT(attn_local_window, > 0, "> 0");
+    /* the SWA block: head size v_head_dim, rope on its last qk_rope_head_dim dims */
+    if (c->swa_kv_heads > 0 && c->n_heads % c->swa_kv_heads)
+      BAD("swa_kv_heads (%lld) must divide n_heads (%lld)", (long long)c->swa_kv_heads,
+          (long long)c->n_heads);
+    static const int64_t swa_hd[] = {16, 32, 64, 128, 256};
+    int hd_ok = 0;
+    for (int i = 0; i < 5; i++) hd_ok |= c->v_head_dim == swa_hd[i];
+    if (!hd_ok)
+      BAD("v_head_dim (the swa head size) must be 16, 32, 64, 128 or 256 (got %lld)",
+          (long long)c->v_head_dim);
+    if (c->qk_rope_head_dim > c->v_head_dim)
+      BAD("qk_rope_head_dim (%lld) must be <= v_head_dim (%lld), the swa head size",
+          (long long)c->qk_rope_head_dim, (long long)c->v_head_dim);
   }
 
   /* rope, norm, routing */

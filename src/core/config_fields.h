@@ -34,6 +34,7 @@ X(STR,   attn,                    "mla",           CF_FP,      "mla | mha (mha c
 X(STR,   attn_local,              "swa",           CF_FP,      "attention of local layers (used when attn_global_every > 1)")
 X(INT,   attn_global_every,       1,               CF_FP,      "every Nth layer (and the last) is global")
 X(INT,   attn_local_window,       128,             CF_FP,      "sliding window of local layers")
+X(INT,   swa_kv_heads,            0,               CF_FP|CF_OURS, "swa (local layers): key/value heads (0 = n_heads; attn_swa.kv_heads)")
 X(INT,   n_kv_heads,              0,               CF_FP|CF_OURS, "mha: key/value heads (0 = n_heads)")
 X(INT,   head_dim,                0,               CF_FP|CF_OURS, "mha: head size (0 = dim / n_heads)")
 X(INT,   q_lora_rank,             1536,            CF_FP,      "mla: query low-rank size (0 = direct wq)")

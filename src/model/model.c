@@ -35,6 +35,8 @@ ModelDims model_dims(const Config *c) {
     d.dqk = d.dv = d.hd;
     d.rope_dim = (int)c->qk_rope_head_dim < d.hd ? (int)c->qk_rope_head_dim : d.hd;
   }
+  d.swa_Hkv = c->swa_kv_heads > 0 ? (int)c->swa_kv_heads : d.H;
+  d.swa_hd = (int)c->v_head_dim;
   d.F = (int)c->inter_dim;
   d.E = (int)c->n_routed_experts;
   d.K = (int)c->n_activated_experts;
@@ -65,7 +67,18 @@ static void build_table(Model *m) {
     memset(lp, -1, sizeof *lp);
     float out_std = 0.02f / sqrtf(2.0f * (float)(l + 1));
     lp->attn_norm = add_w(t, l, "attn_norm.weight", d->D, 0, OWN_DENSE, GROUP_NO_DECAY, INIT_ONES, 0);
-    if (d->mla) {
+    const int global = model_layer_global(&m->cfg, l);
+    lp->window = global ? 0 : (int)m->cfg.attn_local_window;
+    int wo_in = d->H * d->dv;
+    if (!global) {
+      const int64_t width = (int64_t)(d->H + 2 * d->swa_Hkv) * d->swa_hd;
+      lp->wqkv = add_w(t, l, "attn.wqkv.weight", width, d->D, OWN_DENSE, GROUP_DECAY,
+                       INIT_TRUNC_NORMAL, in_std);
+      lp->wqkv_b = add_w(t, l, "attn.wqkv.bias", width, 0, OWN_DENSE, GROUP_NO_DECAY, INIT_ZEROS, 0);
+      lp->sinks = add_w(t, l, "attn.sinks", d->H, 0, OWN_DENSE, GROUP_NO_DECAY, INIT_ZEROS, 0);
+      lp->wo_b = add_w(t, l, "attn.wo.bias", d->D, 0, OWN_DENSE, GROUP_NO_DECAY, INIT_ZEROS, 0);
+      wo_in = d->H * d->swa_hd;
+    } else if (d->mla) {
       if (d->qr > 0) {
         lp->wq_a = add_w(t, l, "attn.wq_a.weight", d->qr, d->D, OWN_DENSE, GROUP_DECAY,
                          INIT_TRUNC_NORMAL, in_std);
@@ -91,7 +104,7 @@ static void build_table(Model *m) {
                      INIT_TRUNC_NORMAL, in_std);
       t->p[lp->wk].packed = t->p[lp->wv].packed = 1;
     }
-    lp->wo = add_w(t, l, "attn.wo.weight", d->D, (int64_t)d->H * d->dv, OWN_DENSE, GROUP_DECAY,
+    lp->wo = add_w(t, l, "attn.wo.weight", d->D, wo_in, OWN_DENSE, GROUP_DECAY,
                    INIT_TRUNC_NORMAL, out_std);
     lp->ffn_norm = add_w(t, l, "ffn_norm.weight", d->D, 0, OWN_DENSE, GROUP_NO_DECAY, INIT_ONES, 0);
     if (l < d->n_dense) {
@@ -123,15 +136,17 @@ static void build_table(Model *m) {
                           INIT_TRUNC_NORMAL, out_std);
       }
     }
-    int global = m->cfg.attn_global_every <= 1 || (l + 1) % m->cfg.attn_global_every == 0 ||
-                 l == d->L - 1;
-    lp->window = global ? 0 : (int)m->cfg.attn_local_window;
   }
   int64_t dshape[1] = {d->D};
   m->final_norm = params_add(t, "norm.weight", 1, dshape, OWN_DENSE, GROUP_NO_DECAY, INIT_ONES, 0);
   m->lm_head = params_add(t, "lm_head.weight", 2, emb_shape, OWN_DENSE, GROUP_NO_DECAY,
                           INIT_TRUNC_NORMAL, 1.0f / sqrtf((float)d->D));
   params_finalize(t, 16 * (size_t)m->ep_world);
+}
+
+int model_layer_global(const Config *cfg, int l) {
+  return cfg->attn_global_every <= 1 || (l + 1) % cfg->attn_global_every == 0 ||
+         l == cfg->n_layers - 1;
 }
 
 void *model_ptr(const Model *m, void *base, int p) {
@@ -193,6 +208,13 @@ Model *model_create(const Config *cfg, Backend *be, Comm *comm) {
     nmoe_fatal("mha attention needs n_heads divisible by n_kv_heads, head_dim > 0 and an even "
                "qk_rope_head_dim (n_heads=%d n_kv_heads=%d head_dim=%d)", d->H, d->Hkv, d->hd);
   if (d->mla && d->dr % 2) nmoe_fatal("qk_rope_head_dim must be even (got %d)", d->dr);
+  int n_local = 0;
+  for (int l = 0; l < d->L; l++) n_local += !model_layer_global(cfg, l);
+  if (n_local && (d->swa_Hkv <= 0 || d->H % d->swa_Hkv || d->swa_hd <= 0 ||
+                  d->rope_dim > d->swa_hd))
+    nmoe_fatal("swa local layers need swa_kv_heads dividing n_heads and qk_rope_head_dim <= "
+               "v_head_dim (n_heads=%d swa_kv_heads=%d v_head_dim=%d qk_rope_head_dim=%d)",
+               d->H, d->swa_Hkv, d->swa_hd, d->rope_dim);
   build_table(m);
   size_t n = m->pt.total;
   m->params = be->alloc(be, n * be->size[BUF_ACT]);
@@ -250,7 +272,10 @@ int64_t model_param_count(const Model *m) {
   return n;
 }
 
-int64_t model_active_matmul_params(const ModelDims *d, const Config *c) {
+/* Matmul weights of layer l's attention block. */
+static int64_t attn_matmul_params(const ModelDims *d, const Config *c, int l) {
+  if (!model_layer_global(c, l))
+    return (int64_t)(d->H + 2 * d->swa_Hkv) * d->swa_hd * d->D + (int64_t)d->D * d->H * d->swa_hd;
   int64_t attn;
   if (d->mla) {
     int64_t q = d->qr > 0 ? (int64_t)d->qr * d->D + (int64_t)d->H * d->dqk * d->qr
@@ -259,16 +284,27 @@ int64_t model_active_matmul_params(const ModelDims *d, const Config *c) {
   } else {
     attn = (int64_t)(d->H + 2 * d->Hkv) * d->hd * d->D;
   }
-  attn += (int64_t)d->D * d->H * d->dv;
+  return attn + (int64_t)d->D * d->H * d->dv;
+}
+
+int64_t model_active_matmul_params(const ModelDims *d, const Config *c) {
+  int64_t attn = 0;
+  for (int l = 0; l < d->L; l++) attn += attn_matmul_params(d, c, l);
   int64_t dense_ffn = 3 * (int64_t)d->D * d->F;
   int64_t moe_ffn = (int64_t)d->E * d->D + 3 * (int64_t)d->D * d->Fm * d->K + 3 * (int64_t)d->D * d->Fs;
   int64_t n_moe = d->L - d->n_dense;
-  (void)c;
-  return (int64_t)d->L * attn + (int64_t)d->n_dense * dense_ffn + n_moe * moe_ffn +
-         (int64_t)d->V * d->D;
+  return attn + (int64_t)d->n_dense * dense_ffn + n_moe * moe_ffn + (int64_t)d->V * d->D;
 }
 
 double model_flops_per_token(const ModelDims *d, const Config *c, int T) {
-  return 6.0 * (double)model_active_matmul_params(d, c) +
-         6.0 * d->L * d->H * (d->dqk + d->dv) / 2.0 * T;
+  double attn = 0;
+  for (int l = 0; l < d->L; l++) {
+    if (model_layer_global(c, l)) {
+      attn += 6.0 * d->H * (d->dqk + d->dv) * (T / 2.0); /* causal: T/2 keys per query */
+    } else {
+      const double w = (double)c->attn_local_window; /* mean visible keys, T/2 at w = T */
+      attn += 6.0 * d->H * 2 * d->swa_hd * (w < T ? w - w * w / (2.0 * T) : T / 2.0);
+    }
+  }
+  return 6.0 * (double)model_active_matmul_params(d, c) + attn;
 }

@@ -4,8 +4,10 @@
  *
  *   x0 = embed_scale * embedding[tokens]
  *   per layer l:  h = x + attn(rmsnorm(x));  x' = h + ffn(rmsnorm(h))
- *     attn: MLA (q/kv low rank, shared rope key) or MHA/GQA, causal; local
- *           layers (attn_global_every > 1) use a sliding window
+ *     attn: global layers MLA (q/kv low rank, shared rope key) or MHA/GQA,
+ *           causal; local layers (attn_global_every > 1) the SWA block: fused
+ *           qkv Linear with bias, RoPE on the last rope dims, GQA, causal
+ *           sliding window with learned per-head sinks, wo Linear with bias
  *     ffn:  dense SwiGLU for l < n_dense_layers, else MoE (sigmoid router,
  *           top-k on score+bias, routed SwiGLU experts + shared experts)
  *   loss = mean over non-masked targets of CE(logits_scale * lm_head(rmsnorm(x_L)))
@@ -31,7 +33,8 @@ typedef struct ModelDims {
   int mla;                 /* 1 = MLA attention, 0 = MHA/GQA */
   int H, Hkv, hd;          /* mha: heads, kv heads, head dim */
   int qr, kvr, dn, dr, dvh; /* mla: q/kv low ranks, nope/rope/v head dims */
-  int dqk, dv;             /* attention head dims (q/k and v) */
+  int dqk, dv;             /* attention head dims (q/k and v) of global layers */
+  int swa_Hkv, swa_hd;     /* swa (local layers): kv heads, head dim (v_head_dim) */
   int rope_dim;            /* rotary dims per head */
   int F;                   /* dense SwiGLU hidden */
   int E, K, Fm, Fs;        /* experts, top-k, expert hidden, shared hidden */
@@ -42,11 +45,13 @@ typedef struct LayerParams {
   int attn_norm, ffn_norm;
   int wq, wk, wv;                      /* mha (adjacent: one [Hq+2Hkv)*hd, D] GEMM) */
   int wq_a, q_norm, wq_b, wkv_a, kv_norm, wkv_b; /* mla (wq when q_lora_rank == 0) */
-  int wo;
+  int wqkv, wqkv_b, wo_b, sinks;       /* swa (local layers): [(H+2Hkv)*hd, D], its
+                                          bias, wo's bias [D], sinks [H] */
+  int wo;                              /* [D, H*dv] (swa: [D, H*swa_hd]) */
   int w1, w3, w2;                      /* dense (w1|w3 adjacent) */
   int gate, exp_w13, exp_w2, sh_w1, sh_w3, sh_w2; /* moe */
   int moe_index;                       /* index among MoE layers, -1 if dense */
-  int window;                          /* 0 = global attention */
+  int window;                          /* 0 = global attention, else swa */
 } LayerParams;
 
 typedef struct LayerActs LayerActs; /* model_step.c */
@@ -97,6 +102,7 @@ typedef struct Model {
   void **owned;              /* every activation/scratch buffer, freed together */
   int n_owned, cap_owned;
   void *rope_cos, *rope_sin; /* F32 [T, rope_dim/2] */
+  void *sinks_f32, *dsinks_f32; /* F32 [H]: one swa layer's sinks and their gradient */
   void *tok_in, *tok_tgt;    /* I32 [N] */
   void *res;                 /* ACT [L+1, N, D]: residual stream per layer boundary */
   void *mid;                 /* ACT [L, N, D]: after attention, before the ffn */
@@ -160,12 +166,15 @@ void model_update_router_bias(Model *m, const int32_t *counts, double rate);
  * excl. embedding; top-k + shared experts, router). */
 int64_t model_param_count(const Model *m);
 int64_t model_active_matmul_params(const ModelDims *d, const Config *cfg);
-/* Training FLOPs per token: 6 * active matmul params + causal attention
- * 6 * L * H * (dqk + dv)/2 * T (forward and backward). */
+/* Training FLOPs per token: 6 * active matmul params + attention scores and
+ * values 6 * H * (dqk + dv) * keys per layer (forward and backward), keys =
+ * T/2 for causal global layers and the mean visible window for local ones. */
 double model_flops_per_token(const ModelDims *d, const Config *cfg, int T);
 
 /* Pointer to row p inside an ACT allocation (params or grads). */
 void *model_ptr(const Model *m, void *base, int p);
+/* Whether layer l is global (attn) or local (the swa block). */
+int model_layer_global(const Config *cfg, int l);
 /* Offset in the optimizer state buffers of parameter element elem (which must
  * lie in this rank's dense shard or in the expert group). */
 size_t model_state_offset(const Model *m, size_t elem);

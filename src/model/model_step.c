@@ -13,7 +13,8 @@
 
 struct LayerActs {
   void *xn1, *rstd1;                 /* attn norm: [N,D], F32 [N] */
-  void *qkv;                         /* mha: [N, (H+2Hkv)*hd], rope applied to q and k */
+  void *qkv;                         /* mha, swa: [N, (H+2Hkv)*hd], bias (swa) and rope
+                                        applied to q and k */
   void *q_a, *q_a_rstd, *q_an;       /* mla: [N,qr], F32 [N], [N,qr] */
   void *q;                           /* mla: [N, H*dqk], rope applied */
   void *kv_a, *kv_rstd, *kvn;        /* mla: [N, kvr+dr] (rope cols rotated), F32 [N], [N,kvr] */
@@ -150,18 +151,26 @@ static void ensure_acts(Model *m, int B, int T) {
   wide = max_sz(wide, (size_t)d->H * (d->dn + d->dvh));
   wide = max_sz(wide, (size_t)d->kvr + d->dr);
   wide = max_sz(wide, (size_t)d->qr);
+  for (int l = 0; l < d->L; l++)
+    if (m->lp[l].wqkv >= 0) wide = max_sz(wide, (size_t)(d->H + 2 * d->swa_Hkv) * d->swa_hd);
   size_t big = N * wide;
   /* With recompute_attn only the attention input survives the forward; with
    * recompute_experts only the routing (ids, weights, permutation). */
   const int ra = m->cfg.recompute_attn, re = m->cfg.recompute_experts;
-  LayerActs sh;
+  LayerActs sh, sh_swa; /* shared buffers; swa layers' attention sizes differ */
   memset(&sh, 0, sizeof sh);
+  memset(&sh_swa, 0, sizeof sh_swa);
   for (int l = 0; l < d->L; l++) {
     LayerActs *a = &m->acts[l];
     const LayerParams *lp = &m->lp[l];
     a->xn1 = act_buf(m, &sh.xn1, ra, BUF_ACT, N * d->D);
     a->rstd1 = act_buf(m, &sh.rstd1, ra, BUF_F32, N);
-    if (d->mla) {
+    if (lp->wqkv >= 0) {
+      const int hd = d->swa_hd;
+      a->qkv = act_buf(m, &sh_swa.qkv, ra, BUF_ACT, N * (d->H + 2 * d->swa_Hkv) * hd);
+      a->attn_o = act_buf(m, &sh_swa.attn_o, ra, BUF_ACT, N * d->H * hd);
+      a->lse = act_buf(m, &sh_swa.lse, ra, BUF_F32, N * d->H);
+    } else if (d->mla) {
       if (d->qr > 0) {
         a->q_a = act_buf(m, &sh.q_a, ra, BUF_ACT, N * d->qr);
         a->q_a_rstd = act_buf(m, &sh.q_a_rstd, ra, BUF_F32, N);
@@ -177,8 +186,10 @@ static void ensure_acts(Model *m, int B, int T) {
     } else {
       a->qkv = act_buf(m, &sh.qkv, ra, BUF_ACT, N * (d->H + 2 * d->Hkv) * d->hd);
     }
-    a->attn_o = act_buf(m, &sh.attn_o, ra, BUF_ACT, N * d->H * d->dv);
-    a->lse = act_buf(m, &sh.lse, ra, BUF_F32, N * d->H);
+    if (lp->wqkv < 0) {
+      a->attn_o = act_buf(m, &sh.attn_o, ra, BUF_ACT, N * d->H * d->dv);
+      a->lse = act_buf(m, &sh.lse, ra, BUF_F32, N * d->H);
+    }
     a->xn2 = alloc_kind(m, BUF_ACT, N * d->D);
     a->rstd2 = alloc_kind(m, BUF_F32, N);
     if (lp->moe_index < 0) {
@@ -225,6 +236,8 @@ static void ensure_acts(Model *m, int B, int T) {
     }
   }
   build_rope(m, T);
+  m->sinks_f32 = alloc_kind(m, BUF_F32, (size_t)d->H);
+  m->dsinks_f32 = alloc_kind(m, BUF_F32, (size_t)d->H);
   m->tok_in = alloc_kind(m, BUF_I32, N);
   m->tok_tgt = alloc_kind(m, BUF_I32, N);
   m->res = alloc_kind(m, BUF_ACT, (size_t)(d->L + 1) * N * d->D);
@@ -268,17 +281,66 @@ static void phase(Model *m, const char *name) {
 }
 static void *G(Model *m, int p) { return model_ptr(m, m->grads, p); }
 
-static AttnShape attn_shape(const Model *m, int window) {
+/* A packed-qkv attention block (global MHA or local SWA): kv heads, head size
+ * and the parameter rows of its qkv weight, qkv bias, sinks and wo bias (-1
+ * when absent). */
+typedef struct Packed {
+  int Hkv, hd;
+  int w, b, sinks, wo_b;
+} Packed;
+
+static Packed packed_of(const Model *m, const LayerParams *lp) {
+  if (lp->wqkv >= 0) return (Packed){m->d.swa_Hkv, m->d.swa_hd, lp->wqkv, lp->wqkv_b, lp->sinks, lp->wo_b};
+  return (Packed){m->d.Hkv, m->d.hd, lp->wq, -1, -1, -1};
+}
+
+static AttnShape attn_shape(const Model *m, const LayerParams *lp) {
   const ModelDims *d = &m->d;
   AttnShape s = {.B = m->B, .T = m->T, .Hq = d->H, .Hkv = d->Hkv, .dqk = d->dqk, .dv = d->dv,
-                 .window = window, .scale = 1.0f / sqrtf((float)d->dqk)};
-  if (d->mla) {
+                 .window = lp->window};
+  if (d->mla && lp->wqkv < 0) {
     s.ldq = s.ldk = d->H * d->dqk;
     s.ldv = d->H * d->dv;
   } else {
-    s.ldq = s.ldk = s.ldv = (d->H + 2 * d->Hkv) * d->hd;
+    const Packed pk = packed_of(m, lp);
+    s.Hkv = pk.Hkv;
+    s.dqk = s.dv = pk.hd;
+    s.ldq = s.ldk = s.ldv = (d->H + 2 * pk.Hkv) * pk.hd;
   }
+  s.scale = 1.0f / sqrtf((float)s.dqk);
   return s;
+}
+
+/* Sinks (row p, ACT [H]) as the F32 the attention ops take, in m->sinks_f32.
+ * Where the two kinds share one representation (CPU: real_t) a copy keeps
+ * every bit (the double build's gradient check needs them); on a device
+ * bf16 -> float through the host is exact. */
+static const void *sinks_as_f32(Model *m, int p) {
+  Backend *be = m->be;
+  const int H = m->d.H;
+  if (be->size[BUF_ACT] == be->size[BUF_F32]) {
+    be->copy(be, m->sinks_f32, W(m, p), (size_t)H * be->size[BUF_F32]);
+  } else {
+    float host[H];
+    be->get(be, host, BUF_ACT, W(m, p), (size_t)H);
+    be->put(be, m->sinks_f32, BUF_F32, host, (size_t)H);
+  }
+  return m->sinks_f32;
+}
+
+/* Gradient of sinks row p += m->dsinks_f32 (F32 [H]), like sinks_as_f32. */
+static void sinks_grad_add(Model *m, int p) {
+  Backend *be = m->be;
+  const int H = m->d.H;
+  if (be->size[BUF_ACT] == be->size[BUF_F32]) {
+    be->add(be, G(m, p), G(m, p), m->dsinks_f32, (size_t)H);
+  } else {
+    float ds[H], g[H];
+    be->get(be, ds, BUF_F32, m->dsinks_f32, (size_t)H);
+    be->get(be, g, BUF_ACT, G(m, p), (size_t)H);
+    for (int h = 0; h < H; h++) g[h] += ds[h];
+    be->put(be, G(m, p), BUF_ACT, g, (size_t)H);
+  }
 }
 
 /* ---------------------------------------------------------------- attention */
@@ -292,10 +354,10 @@ static void attn_core(Model *m, int l, const void *x) {
   LayerActs *a = &m->acts[l];
   const int N = m->B * m->T, T = m->T;
   const float eps = (float)m->cfg.rms_norm_eps;
-  AttnShape s = attn_shape(m, lp->window);
+  AttnShape s = attn_shape(m, lp);
   be->rmsnorm_fwd(be, a->xn1, a->rstd1, x, W(m, lp->attn_norm), N, d->D, d->D, d->D, eps);
-  const void *q, *k, *v;
-  if (d->mla) {
+  const void *q, *k, *v, *sinks = NULL;
+  if (d->mla && lp->wqkv < 0) {
     if (d->qr > 0) {
       be->gemm(be, a->q_a, a->xn1, W(m, lp->wq_a), N, d->qr, d->D, 0, 1, 1, 0, 0);
       be->rmsnorm_fwd(be, a->q_an, a->q_a_rstd, a->q_a, W(m, lp->q_norm), N, d->qr, d->qr, d->qr, eps);
@@ -315,29 +377,34 @@ static void attn_core(Model *m, int l, const void *x) {
     k = a->k;
     v = a->v;
   } else {
-    const int width = (d->H + 2 * d->Hkv) * d->hd;
-    be->gemm(be, a->qkv, a->xn1, W(m, lp->wq), N, width, d->D, 0, 1, 1, 0, 0);
-    const int off = d->hd - d->rope_dim;
+    const Packed pk = packed_of(m, lp);
+    const int width = (d->H + 2 * pk.Hkv) * pk.hd, off = pk.hd - d->rope_dim;
+    be->gemm(be, a->qkv, a->xn1, W(m, pk.w), N, width, d->D, 0, 1, 1, 0, 0);
+    if (pk.b >= 0) be->bias_add(be, a->qkv, W(m, pk.b), N, width);
     if (d->rope_dim > 0) {
-      be->rope(be, a->qkv, m->rope_cos, m->rope_sin, N, T, d->H, width, d->hd, off, d->rope_dim, 0);
-      be->rope(be, ACT(m, a->qkv, d->H * d->hd), m->rope_cos, m->rope_sin, N, T, d->Hkv, width,
-               d->hd, off, d->rope_dim, 0);
+      be->rope(be, a->qkv, m->rope_cos, m->rope_sin, N, T, d->H, width, pk.hd, off, d->rope_dim, 0);
+      be->rope(be, ACT(m, a->qkv, d->H * pk.hd), m->rope_cos, m->rope_sin, N, T, pk.Hkv, width,
+               pk.hd, off, d->rope_dim, 0);
     }
     q = a->qkv;
-    k = ACT(m, a->qkv, d->H * d->hd);
-    v = ACT(m, a->qkv, (d->H + d->Hkv) * d->hd);
+    k = ACT(m, a->qkv, d->H * pk.hd);
+    v = ACT(m, a->qkv, (d->H + pk.Hkv) * pk.hd);
+    if (pk.sinks >= 0) sinks = sinks_as_f32(m, pk.sinks);
   }
   phase(m, "attn_fwd.flash");
-  be->attn_fwd(be, a->attn_o, a->lse, q, k, v, &s);
+  be->attn_fwd(be, a->attn_o, a->lse, q, k, v, sinks, &s);
 }
 
-/* mid = x + wo(attn(rmsnorm(x))) */
+/* mid = x + wo(attn(rmsnorm(x))) (+ wo's bias on swa layers) */
 static void attn_forward(Model *m, int l, const void *x, void *mid) {
   Backend *be = m->be;
+  const LayerParams *lp = &m->lp[l];
   const int N = m->B * m->T, D = m->d.D;
+  const AttnShape s = attn_shape(m, lp);
   attn_core(m, l, x);
   phase(m, "attn_fwd.out_proj");
-  be->gemm(be, m->g_tmp, m->acts[l].attn_o, W(m, m->lp[l].wo), N, D, m->d.H * m->d.dv, 0, 1, 1, 0, 0);
+  be->gemm(be, m->g_tmp, m->acts[l].attn_o, W(m, lp->wo), N, D, s.Hq * s.dv, 0, 1, 1, 0, 0);
+  if (lp->wo_b >= 0) be->bias_add(be, m->g_tmp, W(m, lp->wo_b), N, D);
   be->add(be, mid, x, m->g_tmp, (size_t)N * D);
 }
 
@@ -348,18 +415,20 @@ static void attn_backward(Model *m, int l, const void *x) {
   const LayerParams *lp = &m->lp[l];
   LayerActs *a = &m->acts[l];
   const int N = m->B * m->T, T = m->T;
-  AttnShape s = attn_shape(m, lp->window);
+  AttnShape s = attn_shape(m, lp);
+  const int ow = s.Hq * s.dv; /* attention output width */
   void **g = m->g_big;
   if (m->cfg.recompute_attn) attn_core(m, l, x);
   phase(m, "attn_bwd.out_proj");
-  /* d_o = g_res @ wo; dwo += g_res^T @ attn_o */
-  be->gemm(be, g[0], m->g_res, W(m, lp->wo), N, d->H * d->dv, d->D, 0, 0, 1, 0, 0);
-  be->gemm(be, G(m, lp->wo), m->g_res, a->attn_o, d->D, d->H * d->dv, N, 1, 0, 1, 1, 0);
-  if (d->mla) {
+  /* d_o = g_res @ wo; dwo += g_res^T @ attn_o (dbo += column sums of g_res) */
+  be->gemm(be, g[0], m->g_res, W(m, lp->wo), N, ow, d->D, 0, 0, 1, 0, 0);
+  be->gemm(be, G(m, lp->wo), m->g_res, a->attn_o, d->D, ow, N, 1, 0, 1, 1, 0);
+  if (lp->wo_b >= 0) be->bias_grad(be, G(m, lp->wo_b), m->g_res, N, d->D);
+  if (d->mla && lp->wqkv < 0) {
     const int lda = d->kvr + d->dr, hq = d->H * d->dqk;
     void *dq = g[1], *dk = g[2], *dv = g[3];
     phase(m, "attn_bwd.flash");
-    be->attn_bwd(be, dq, dk, dv, g[0], a->q, a->k, a->v, a->attn_o, a->lse, &s);
+    be->attn_bwd(be, dq, dk, dv, NULL, g[0], a->q, a->k, a->v, a->attn_o, a->lse, NULL, &s);
     phase(m, "attn_bwd.proj");
     void *dkv = g[0], *dkv_a = g[4]; /* d_o consumed by attn_bwd */
     be->mla_kv_split_bwd(be, dkv, ACT(m, dkv_a, d->kvr), lda, dk, dv, N, d->H, d->dn, d->dr, d->dvh);
@@ -385,20 +454,30 @@ static void attn_backward(Model *m, int l, const void *x) {
       be->gemm(be, G(m, lp->wq), dq, a->xn1, hq, d->D, N, 1, 0, 1, 1, 0);
     }
   } else {
-    const int width = (d->H + 2 * d->Hkv) * d->hd;
+    const Packed pk = packed_of(m, lp);
+    const int width = (d->H + 2 * pk.Hkv) * pk.hd, hd = pk.hd;
     void *dqkv = g[1];
-    void *dk = ACT(m, dqkv, d->H * d->hd), *dv = ACT(m, dqkv, (d->H + d->Hkv) * d->hd);
-    const void *k = ACT(m, a->qkv, d->H * d->hd), *v = ACT(m, a->qkv, (d->H + d->Hkv) * d->hd);
-    phase(m, "attn_bwd.flash");
-    be->attn_bwd(be, dqkv, dk, dv, g[0], a->qkv, k, v, a->attn_o, a->lse, &s);
-    phase(m, "attn_bwd.proj");
-    const int off = d->hd - d->rope_dim;
-    if (d->rope_dim > 0) {
-      be->rope(be, dqkv, m->rope_cos, m->rope_sin, N, T, d->H, width, d->hd, off, d->rope_dim, 1);
-      be->rope(be, dk, m->rope_cos, m->rope_sin, N, T, d->Hkv, width, d->hd, off, d->rope_dim, 1);
+    void *dk = ACT(m, dqkv, d->H * hd), *dv = ACT(m, dqkv, (d->H + pk.Hkv) * hd);
+    const void *k = ACT(m, a->qkv, d->H * hd), *v = ACT(m, a->qkv, (d->H + pk.Hkv) * hd);
+    const void *sinks = NULL;
+    void *dsinks = NULL;
+    if (pk.sinks >= 0) {
+      sinks = sinks_as_f32(m, pk.sinks);
+      dsinks = m->dsinks_f32;
+      be->zero(be, dsinks, (size_t)d->H * be->size[BUF_F32]);
     }
-    be->gemm(be, m->g_xn, dqkv, W(m, lp->wq), N, d->D, width, 0, 0, 1, 0, 0);
-    be->gemm(be, G(m, lp->wq), dqkv, a->xn1, width, d->D, N, 1, 0, 1, 1, 0);
+    phase(m, "attn_bwd.flash");
+    be->attn_bwd(be, dqkv, dk, dv, dsinks, g[0], a->qkv, k, v, a->attn_o, a->lse, sinks, &s);
+    if (dsinks) sinks_grad_add(m, pk.sinks);
+    phase(m, "attn_bwd.proj");
+    const int off = hd - d->rope_dim;
+    if (d->rope_dim > 0) {
+      be->rope(be, dqkv, m->rope_cos, m->rope_sin, N, T, d->H, width, hd, off, d->rope_dim, 1);
+      be->rope(be, dk, m->rope_cos, m->rope_sin, N, T, pk.Hkv, width, hd, off, d->rope_dim, 1);
+    }
+    if (pk.b >= 0) be->bias_grad(be, G(m, pk.b), dqkv, N, width);
+    be->gemm(be, m->g_xn, dqkv, W(m, pk.w), N, d->D, width, 0, 0, 1, 0, 0);
+    be->gemm(be, G(m, pk.w), dqkv, a->xn1, width, d->D, N, 1, 0, 1, 1, 0);
   }
   be->rmsnorm_bwd(be, m->g_res, G(m, lp->attn_norm), m->g_xn, x, W(m, lp->attn_norm), a->rstd1, N,
                   d->D, d->D, d->D, 1);

@@ -95,9 +95,10 @@ static void check_gemm_transposes(uint64_t s, double rel_tol, double abs_tol) {
   bfree(A), bfree(B), bfree(At), bfree(Bt), bfree(C);
 }
 
-/* Naive reference: full score matrix with the mask, softmax, weighted sum. */
+/* Naive reference: full score matrix with the mask, softmax (with the sink
+ * logit sinks[h] in the denominator when sinks != NULL), weighted sum. */
 static void attn_naive(double *o, double *lse, const real_t *q, const real_t *k, const real_t *v,
-                       const AttnShape *s) {
+                       const real_t *sinks, const AttnShape *s) {
   int grp = s->Hq / s->Hkv;
   double *p = malloc((size_t)s->T * sizeof(double));
   for (int b = 0; b < s->B; b++)
@@ -115,7 +116,9 @@ static void attn_naive(double *o, double *lse, const real_t *q, const real_t *k,
           p[j] = s->scale * d;
           mx = fmax(mx, p[j]);
         }
+        if (sinks) mx = fmax(mx, sinks[h]);
         for (int j = 0; j < s->T; j++) sum += p[j] == -INFINITY ? 0 : exp(p[j] - mx);
+        if (sinks) sum += exp(sinks[h] - mx);
         lse[(b * s->Hq + h) * s->T + i] = mx + log(sum);
         for (int c = 0; c < s->dv; c++) {
           double acc = 0;
@@ -129,11 +132,11 @@ static void attn_naive(double *o, double *lse, const real_t *q, const real_t *k,
 }
 
 /* q, k, v packed in one buffer [N, width]: q at column 0, k after q, v after k,
- * then 2 padding columns. */
+ * then 2 padding columns. sinks [Hq] (NULL = none) is set by the caller. */
 typedef struct {
   AttnShape s;
   int width;
-  real_t *qkv, *o, *lse, *R;
+  real_t *qkv, *o, *lse, *R, *sinks;
 } AttnCtx;
 
 static const real_t *aq(AttnCtx *c) { return c->qkv; }
@@ -142,7 +145,7 @@ static const real_t *av(AttnCtx *c) { return c->qkv + (c->s.Hq + c->s.Hkv) * c->
 
 static double attn_obj(void *p) {
   AttnCtx *c = p;
-  be->attn_fwd(be, c->o, c->lse, aq(c), ak(c), av(c), &c->s);
+  be->attn_fwd(be, c->o, c->lse, aq(c), ak(c), av(c), c->sinks, &c->s);
   return dotr(c->o, c->R, (size_t)c->s.B * c->s.T * c->s.Hq * c->s.dv);
 }
 
@@ -157,7 +160,10 @@ static AttnCtx attn_make(int B, int T, int Hq, int Hkv, int dqk, int dv, int win
   return c;
 }
 
-static void attn_free(AttnCtx *c) { bfree(c->qkv), bfree(c->o), bfree(c->lse), bfree(c->R); }
+static void attn_free(AttnCtx *c) {
+  bfree(c->qkv), bfree(c->o), bfree(c->lse), bfree(c->R);
+  if (c->sinks) bfree(c->sinks);
+}
 
 /* Output slices of the determinism run, handed out in order. */
 static real_t *det_out;
@@ -179,7 +185,8 @@ static real_t *run_ops(int threads, size_t *len) {
   int M = 70, N = 150, K = 90, V = 300, D = 32, T = 24, B = 2, E = 6, BT = B * T;
   real_t *A = rbuf((size_t)M * K, 1), *Bm = rbuf((size_t)K * N, 1), *C = zbuf((size_t)M * N);
   AttnCtx c = attn_make(B, T, 4, 2, 12, 8, 5);
-  real_t *g = zbuf((size_t)BT * c.width);
+  c.sinks = rbuf(4, 1);
+  real_t *g = zbuf((size_t)BT * c.width), *dsk = zbuf(4);
   real_t *h = rbuf((size_t)BT * D, 1), *W = rbuf((size_t)V * D, 1);
   real_t *dh = zbuf((size_t)BT * D), *dW = zbuf((size_t)V * D), *dT = zbuf((size_t)V * D);
   int32_t *tg = ibuf(BT), *idx = ibuf((size_t)BT * 2), *cnt = ibuf(E);
@@ -191,8 +198,8 @@ static real_t *run_ops(int threads, size_t *len) {
 
   be->gemm(be, C, A, Bm, M, N, K, 1, 0, 1, 0, 0); /* A read as [K, M] */
   attn_obj(&c);
-  be->attn_bwd(be, g, g + c.s.Hq * c.s.dqk, g + (c.s.Hq + c.s.Hkv) * c.s.dqk, c.R, aq(&c), ak(&c),
-               av(&c), c.o, c.lse, &c.s);
+  be->attn_bwd(be, g, g + c.s.Hq * c.s.dqk, g + (c.s.Hq + c.s.Hkv) * c.s.dqk, dsk, c.R, aq(&c),
+               ak(&c), av(&c), c.o, c.lse, c.sinks, &c.s);
   double loss = be->xent(be, dh, dW, h, W, tg, BT, D, V, 0.5f, -1, 1);
   be->embed_bwd(be, dT, tg, h, BT, D, V, 2.0f);
   be->rmsnorm_fwd(be, y, rs, h, nw, BT, D, D, D, 1e-5f);
@@ -202,7 +209,7 @@ static real_t *run_ops(int threads, size_t *len) {
 
   struct { real_t *p; size_t n; } outs[] = {
       {C, (size_t)M * N}, {c.o, (size_t)BT * c.s.Hq * c.s.dv}, {c.lse, (size_t)BT * c.s.Hq},
-      {g, (size_t)BT * c.width}, {dh, (size_t)BT * D}, {dW, (size_t)V * D}, {dT, (size_t)V * D},
+      {g, (size_t)BT * c.width}, {dsk, 4}, {dh, (size_t)BT * D}, {dW, (size_t)V * D}, {dT, (size_t)V * D},
       {y, (size_t)BT * D}, {ndx, (size_t)BT * D}, {ndw, D}, {sc, (size_t)BT * E},
       {rw, (size_t)BT * 2}, {rdx, (size_t)BT * D}, {rdwg, (size_t)E * D}};
   for (size_t i = 0; i < sizeof outs / sizeof outs[0]; i++)
@@ -210,7 +217,7 @@ static real_t *run_ops(int threads, size_t *len) {
   real_t *tail = take(2);
   tail[0] = loss, tail[1] = be->sumsq(be, W, (size_t)V * D);
   *len = det_len;
-  bfree(A), bfree(Bm), bfree(C), attn_free(&c), bfree(g), bfree(h), bfree(W), bfree(dh);
+  bfree(A), bfree(Bm), bfree(C), attn_free(&c), bfree(g), bfree(dsk), bfree(h), bfree(W), bfree(dh);
   bfree(dW), bfree(dT), bfree(tg), bfree(idx), bfree(cnt), bfree(wg), bfree(bias), bfree(sc);
   bfree(rw), bfree(nw), bfree(rs), bfree(y), bfree(ndx), bfree(ndw), bfree(rdx), bfree(rdwg);
   return det_out;

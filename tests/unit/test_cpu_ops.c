@@ -35,7 +35,7 @@ static void test_attention(void **state) {
     size_t N = (size_t)a[0] * a[1], no = N * a[2] * a[5], nl = N * a[2];
     double *o = malloc(no * sizeof(double)), *lse = malloc(nl * sizeof(double));
     attn_obj(&c);
-    attn_naive(o, lse, aq(&c), ak(&c), av(&c), &c.s);
+    attn_naive(o, lse, aq(&c), ak(&c), av(&c), NULL, &c.s);
     for (size_t i = 0; i < no; i++) expect_close("attn o", i, c.o[i], o[i], 1.5);
     for (size_t i = 0; i < nl; i++) expect_close("attn lse", i, c.lse[i], lse[i], 1);
     free(o), free(lse);

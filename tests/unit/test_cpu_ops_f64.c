@@ -321,44 +321,101 @@ static const int attn_cases[][7] = {
     {1, 7, 4, 2, 12, 8, 2}, /* all at once */
 };
 
-static void test_attn_forward(void **state) {
-  seed(7);
-  for (size_t ci = 0; ci < sizeof attn_cases / sizeof attn_cases[0]; ci++) {
-    const int *a = attn_cases[ci];
-    AttnCtx c = attn_make(a[0], a[1], a[2], a[3], a[4], a[5], a[6]);
-    size_t N = (size_t)a[0] * a[1];
-    double *o = malloc(N * a[2] * a[5] * sizeof(double)), *lse = malloc(N * a[2] * sizeof(double));
-    attn_obj(&c);
-    attn_naive(o, lse, aq(&c), ak(&c), av(&c), &c.s);
-    for (size_t i = 0; i < N * a[2] * a[5]; i++) assert_true(fabs(c.o[i] - o[i]) < 1e-13);
-    for (size_t i = 0; i < N * a[2]; i++) assert_true(fabs(c.lse[i] - lse[i]) < 1e-13);
-    free(o), free(lse);
-    attn_free(&c);
-  }
+/* Every case runs without sinks and with random sinks of order 1 (so the
+ * sink's share of each softmax is far from 0 and 1). */
+static void attn_with_sinks(AttnCtx *c, int with) {
+  if (with) c->sinks = rbuf(c->s.Hq, 1.5);
 }
 
+static void test_attn_forward(void **state) {
+  seed(7);
+  for (int with = 0; with < 2; with++)
+    for (size_t ci = 0; ci < sizeof attn_cases / sizeof attn_cases[0]; ci++) {
+      const int *a = attn_cases[ci];
+      AttnCtx c = attn_make(a[0], a[1], a[2], a[3], a[4], a[5], a[6]);
+      attn_with_sinks(&c, with);
+      size_t N = (size_t)a[0] * a[1];
+      double *o = malloc(N * a[2] * a[5] * sizeof(double)), *lse = malloc(N * a[2] * sizeof(double));
+      attn_obj(&c);
+      attn_naive(o, lse, aq(&c), ak(&c), av(&c), c.sinks, &c.s);
+      for (size_t i = 0; i < N * a[2] * a[5]; i++) assert_true(fabs(c.o[i] - o[i]) < 1e-13);
+      for (size_t i = 0; i < N * a[2]; i++) assert_true(fabs(c.lse[i] - lse[i]) < 1e-13);
+      free(o), free(lse);
+      attn_free(&c);
+    }
+}
+
+/* dq, dk, dv (and dsinks, which accumulate onto what the buffer held) against
+ * finite differences, without and with sinks. */
 static void test_attn_grad(void **state) {
   seed(8);
-  for (size_t ci = 0; ci < sizeof attn_cases / sizeof attn_cases[0]; ci++) {
-    const int *a = attn_cases[ci];
-    AttnCtx c = attn_make(a[0], a[1], a[2], a[3], a[4], a[5], a[6]);
-    size_t N = (size_t)a[0] * a[1], n = N * c.width;
-    attn_obj(&c);
-    real_t *g = zbuf(n);
-    for (size_t i = 0; i < n; i++) g[i] = 7; /* sentinel for the padding columns */
-    real_t *gq = g, *gk = g + c.s.Hq * c.s.dqk, *gv = g + (c.s.Hq + c.s.Hkv) * c.s.dqk;
-    be->attn_bwd(be, gq, gk, gv, c.R, aq(&c), ak(&c), av(&c), c.o, c.lse, &c.s);
-    unsigned char *pad = calloc(n, 1);
-    for (size_t r = 0; r < N; r++)
-      for (int j = c.width - 2; j < c.width; j++) {
-        pad[r * c.width + j] = 1;
-        assert_true(g[r * c.width + j] == 7);
+  for (int with = 0; with < 2; with++)
+    for (size_t ci = 0; ci < sizeof attn_cases / sizeof attn_cases[0]; ci++) {
+      const int *a = attn_cases[ci];
+      AttnCtx c = attn_make(a[0], a[1], a[2], a[3], a[4], a[5], a[6]);
+      attn_with_sinks(&c, with);
+      size_t N = (size_t)a[0] * a[1], n = N * c.width;
+      attn_obj(&c);
+      real_t *g = zbuf(n), *ds = NULL;
+      for (size_t i = 0; i < n; i++) g[i] = 7; /* sentinel for the padding columns */
+      real_t *gq = g, *gk = g + c.s.Hq * c.s.dqk, *gv = g + (c.s.Hq + c.s.Hkv) * c.s.dqk;
+      if (with) {
+        ds = zbuf(c.s.Hq);
+        for (int h = 0; h < c.s.Hq; h++) ds[h] = 0.25;
       }
-    fd_check("attn dqkv", attn_obj, &c, c.qkv, n, g, pad);
-    free(pad);
-    bfree(g);
-    attn_free(&c);
+      be->attn_bwd(be, gq, gk, gv, ds, c.R, aq(&c), ak(&c), av(&c), c.o, c.lse, c.sinks, &c.s);
+      unsigned char *pad = calloc(n, 1);
+      for (size_t r = 0; r < N; r++)
+        for (int j = c.width - 2; j < c.width; j++) {
+          pad[r * c.width + j] = 1;
+          assert_true(g[r * c.width + j] == 7);
+        }
+      fd_check("attn dqkv", attn_obj, &c, c.qkv, n, g, pad);
+      if (with) {
+        for (int h = 0; h < c.s.Hq; h++) ds[h] -= 0.25;
+        fd_check("attn dsinks", attn_obj, &c, c.sinks, c.s.Hq, ds, NULL);
+        bfree(ds);
+      }
+      free(pad);
+      bfree(g);
+      attn_free(&c);
+    }
+}
+
+/* ------------------------------------------------------------------ bias */
+
+typedef struct {
+  int N, C;
+  real_t *y0, *y, *b, *R;
+} BiasCtx;
+
+static double bias_obj(void *p) {
+  BiasCtx *c = p;
+  memcpy(c->y, c->y0, (size_t)c->N * c->C * sizeof(real_t));
+  be->bias_add(be, c->y, c->b, c->N, c->C);
+  return dotr(c->y, c->R, (size_t)c->N * c->C);
+}
+
+/* bias_add adds b to every row exactly; bias_grad accumulates the column sums
+ * (checked by hand and as the gradient of sum(R * (y + b))). */
+static void test_bias(void **state) {
+  seed(17);
+  BiasCtx c = {.N = 9, .C = 5};
+  size_t n = (size_t)c.N * c.C;
+  c.y0 = rbuf(n, 1), c.y = zbuf(n), c.b = rbuf(c.C, 1), c.R = rbuf(n, 1);
+  bias_obj(&c);
+  for (size_t i = 0; i < n; i++) assert_true(c.y[i] == c.y0[i] + c.b[i % c.C]);
+  real_t *db = zbuf(c.C);
+  for (int j = 0; j < c.C; j++) db[j] = 0.5;
+  be->bias_grad(be, db, c.R, c.N, c.C);
+  for (int j = 0; j < c.C; j++) {
+    double want = 0.5;
+    for (int r = 0; r < c.N; r++) want += c.R[(size_t)r * c.C + j];
+    assert_true(fabs(db[j] - want) < 1e-14);
+    db[j] -= 0.5;
   }
+  fd_check("bias db", bias_obj, &c, c.b, c.C, db, NULL);
+  bfree(c.y0), bfree(c.y), bfree(c.b), bfree(c.R), bfree(db);
 }
 
 /* ------------------------------------------------------ MLA kv, SwiGLU */
@@ -678,6 +735,7 @@ int main(void) {
       cmocka_unit_test(test_rope),
       cmocka_unit_test(test_attn_forward),
       cmocka_unit_test(test_attn_grad),
+      cmocka_unit_test(test_bias),
       cmocka_unit_test(test_mla_kv_split_grad),
       cmocka_unit_test(test_swiglu),
       cmocka_unit_test(test_router_forward),

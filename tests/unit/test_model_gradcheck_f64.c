@@ -75,8 +75,14 @@ static void gradcheck(Config *c, int samples) {
   for (int i = 0; i < m->n_moe * m->d.E; i++)
     m->router_bias_host[i] = 0.05f * (float)((i * 7) % 5 - 2);
   if (m->n_moe) be->put(be, m->router_bias, BUF_F32, m->router_bias_host, (size_t)m->n_moe * m->d.E);
-  model_train_step_grads(m, in, tg, B, T);
   real_t *p = m->params, *g = m->grads;
+  /* Non-zero swa biases and sinks (init 0), so their effect on every other
+   * gradient is exercised too. */
+  for (int r = 0; r < m->pt.n; r++)
+    if (m->pt.p[r].init == INIT_ZEROS)
+      for (size_t i = 0; i < m->pt.p[r].numel; i++)
+        p[m->pt.p[r].offset + i] = 0.5 * ((double)(rng_u64(11, (uint64_t)r, i, 0) % 1000) / 500.0 - 1);
+  model_train_step_grads(m, in, tg, B, T);
   const double eps = 1e-5;
   double worst = 0;
   char worst_name[256] = "";
@@ -133,9 +139,96 @@ static void test_moe_aux_loss_no_qlora_window(void **state) {
   c.aux_loss_alpha = 0.3;
   c.n_shared_experts = 0;
   c.n_dense_layers = 0;
-  c.attn_global_every = 2; /* layer 0 local (window 3), layers 1-2 global */
+  c.attn_global_every = 2; /* layer 0 local (swa, window 3), layers 1-2 global (mla) */
+  c.attn_local_window = 3;
+  c.v_head_dim = 16;       /* the swa head size (and mla's value dims) */
+  c.swa_kv_heads = 1;      /* GQA in the swa layer */
+  gradcheck(&c, 6);
+}
+
+/* Local swa layers (fused qkv + bias, rope on the last 4 of 16 dims, GQA 4:2,
+ * window 3 with sinks, wo bias) beside global MHA/GQA layers. */
+static void test_swa_local_mha_global(void **state) {
+  (void)state;
+  Config c;
+  tiny_config(&c);
+  free(c.attn);
+  c.attn = strdup("mha");
+  c.n_heads = 4;
+  c.n_kv_heads = 2;
+  c.head_dim = 6;
+  c.v_head_dim = 16;
+  c.swa_kv_heads = 2;
+  c.attn_global_every = 3; /* layers 0-1 local, layer 2 global */
   c.attn_local_window = 3;
   gradcheck(&c, 6);
+}
+
+/* The swa block's parameters: names, shapes, groups and init as the original. */
+static void test_swa_params(void **state) {
+  (void)state;
+  Config c;
+  tiny_config(&c);
+  c.n_heads = 4;
+  c.v_head_dim = 16;
+  c.swa_kv_heads = 2;
+  c.attn_global_every = 2;
+  Backend *be = backend_cpu();
+  Model *m = model_create(&c, be, NULL);
+  const struct { const char *name; int64_t r, c; OptGroup g; } want[] = {
+      {"layers.0.attn.wqkv.weight", (4 + 2 * 2) * 16, 16, GROUP_DECAY},
+      {"layers.0.attn.wqkv.bias", (4 + 2 * 2) * 16, 0, GROUP_NO_DECAY},
+      {"layers.0.attn.wo.weight", 16, 4 * 16, GROUP_DECAY},
+      {"layers.0.attn.wo.bias", 16, 0, GROUP_NO_DECAY},
+      {"layers.0.attn.sinks", 4, 0, GROUP_NO_DECAY},
+  };
+  for (size_t i = 0; i < sizeof want / sizeof want[0]; i++) {
+    int r = params_find(&m->pt, want[i].name);
+    assert_true(r >= 0);
+    const ParamInfo *pi = &m->pt.p[r];
+    assert_int_equal(pi->shape[0], want[i].r);
+    if (want[i].c) assert_int_equal(pi->shape[1], want[i].c);
+    assert_int_equal(pi->ndim, want[i].c ? 2 : 1);
+    assert_int_equal(pi->group, want[i].g);
+    const real_t *p = (const real_t *)m->params + pi->offset;
+    double ss = 0;
+    for (size_t e = 0; e < pi->numel; e++) ss += p[e] * p[e];
+    if (want[i].c) assert_true(ss > 0);
+    else assert_true(ss == 0); /* biases and sinks start at 0 */
+  }
+  assert_true(params_find(&m->pt, "layers.0.attn.wq_a.weight") < 0); /* no mla rows */
+  assert_true(params_find(&m->pt, "layers.1.attn.wq_a.weight") >= 0); /* layer 1 global */
+  assert_true(params_find(&m->pt, "layers.1.attn.sinks") < 0);
+  model_free(m);
+  be->destroy(be);
+}
+
+/* FLOPs: a local layer counts its swa projections and only the keys of its
+ * window; with the window as long as T it costs what a causal layer costs. */
+static void test_swa_flops(void **state) {
+  (void)state;
+  Config c;
+  tiny_config(&c);
+  free(c.attn);
+  c.attn = strdup("mha");
+  c.n_heads = 4;
+  c.n_kv_heads = 4;
+  c.head_dim = 16;
+  c.v_head_dim = 16;
+  c.n_layers = 2;
+  ModelDims d = model_dims(&c);
+  const double glob = model_flops_per_token(&d, &c, 64);
+  c.attn_global_every = 2; /* layer 0 local: same projections when swa_kv_heads = n_kv_heads */
+  c.attn_local_window = 64;
+  d = model_dims(&c);
+  assert_true(fabs(model_flops_per_token(&d, &c, 64) - glob) < 1e-9 * glob);
+  c.attn_local_window = 8; /* mean keys 8 - 64/128 = 7.5 instead of 32 */
+  const double want = glob - 6.0 * 4 * 32 * (32 - 7.5);
+  assert_true(fabs(model_flops_per_token(&d, &c, 64) - want) < 1e-9 * glob);
+  const int64_t full = model_active_matmul_params(&d, &c);
+  c.swa_kv_heads = 2; /* 2 x 2 fewer kv heads of 16 rows (by dim 16) in the local wqkv */
+  d = model_dims(&c);
+  assert_int_equal(full - model_active_matmul_params(&d, &c), (int64_t)2 * 2 * 16 * 16);
 }
 
 static void test_yarn_rope(void **state) {
@@ -180,6 +273,8 @@ static void test_recompute_bit_identical(void **state) {
   (void)state;
   Config c;
   tiny_config(&c);
+  c.attn_global_every = 2; /* layer 0 swa: its buffers are shared apart from the mla ones */
+  c.v_head_dim = 16;
   const int B = (int)c.batch_size, T = (int)c.seq_len, N = B * T;
   int32_t in[N], tg[N];
   for (int i = 0; i < N; i++) {
@@ -256,6 +351,9 @@ int main(void) {
       cmocka_unit_test(test_mla_moe_shared_dense),
       cmocka_unit_test(test_mha_gqa),
       cmocka_unit_test(test_moe_aux_loss_no_qlora_window),
+      cmocka_unit_test(test_swa_local_mha_global),
+      cmocka_unit_test(test_swa_params),
+      cmocka_unit_test(test_swa_flops),
       cmocka_unit_test(test_yarn_rope),
       cmocka_unit_test(test_router_bias_update),
       cmocka_unit_test(test_recompute_bit_identical),

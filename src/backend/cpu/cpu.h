@@ -11,7 +11,7 @@
  * terms of a sum.
  *
  * Files: cpu_backend.c (table, memory, timing), cpu_math.c (gemm, grouped gemm,
- * add, sumsq), cpu_layers.c (embedding, RMSNorm, RoPE, SwiGLU, MLA kv split),
+ * add, bias, sumsq), cpu_layers.c (embedding, RMSNorm, RoPE, SwiGLU, MLA kv split),
  * cpu_attn.c, cpu_moe.c (router, permutation), cpu_loss.c (xent),
  * cpu_optim.c (AdamW). */
 #ifndef NMOE_CPU_H
@@ -42,6 +42,8 @@ void cpu_gemm(Backend *be, void *C, const void *A, const void *B, int M, int N, 
 void cpu_grouped_gemm(Backend *be, int mode, void *out, const void *a, const void *b,
                       const int32_t *off, const int32_t *off_host, int E, int M, int N, int K);
 void cpu_add(Backend *be, void *y, const void *a, const void *b, size_t n);
+void cpu_bias_add(Backend *be, void *y, const void *b, int N, int C);
+void cpu_bias_grad(Backend *be, void *db, const void *dy, int N, int C);
 double cpu_sumsq(Backend *be, const void *x, size_t n);
 
 void cpu_embed_fwd(Backend *be, void *y, const int32_t *tok, const void *table, int N, int D,
@@ -63,10 +65,10 @@ void cpu_swiglu_fwd(Backend *be, void *h, const void *gu, int M, int F);
 void cpu_swiglu_bwd(Backend *be, void *dgu, const void *dh, const void *gu, int M, int F);
 
 void cpu_attn_fwd(Backend *be, void *o, void *lse, const void *q, const void *k, const void *v,
-                  const AttnShape *s);
-void cpu_attn_bwd(Backend *be, void *dq, void *dk, void *dv, const void *dout, const void *q,
-                  const void *k, const void *v, const void *o, const void *lse,
-                  const AttnShape *s);
+                  const void *sinks, const AttnShape *s);
+void cpu_attn_bwd(Backend *be, void *dq, void *dk, void *dv, void *dsinks, const void *dout,
+                  const void *q, const void *k, const void *v, const void *o, const void *lse,
+                  const void *sinks, const AttnShape *s);
 
 void cpu_router_fwd(Backend *be, void *scores, int32_t *idx, void *w, int32_t *counts, void *imp,
                     const void *x, const void *wg, const void *bias, int N, int D, int E, int K,

@@ -7,7 +7,13 @@
  * dS_ij = P_ij (dO_i.v_j - D_i) with D_i = dO_i.O_i; dq_i = scale sum_j dS_ij k_j
  * (one task per query row), dk_j = scale sum_i dS_ij q_i and dv_j = sum_i P_ij dO_i
  * (one task per key row, summing over the group's heads, then queries, in
- * order). Each output row is owned by one task: deterministic. */
+ * order). Each output row is owned by one task: deterministic.
+ *
+ * Sinks: the forward starts each row's softmax with the sink logit s_h (max m
+ * = s_h, denominator term exp(s_h - m), no value), so lse includes it and the
+ * backward's P needs no change. With p0_i = exp(s_h - lse_i) the sink's
+ * probability, dp_ij/ds_h = -p_ij p0_i, hence dL/ds_h = -sum_i p0_i sum_j p_ij
+ * (dO_i.v_j) = -sum_i p0_i D_i (one task per head, (b, i) in order). */
 #include <stdlib.h>
 
 #include "backend/cpu/cpu.h"
@@ -23,9 +29,9 @@ static int query_hi(const AttnShape *s, int j) {
 }
 
 void cpu_attn_fwd(Backend *be, void *o, void *lse, const void *q, const void *k, const void *v,
-                  const AttnShape *s) {
+                  const void *sinks, const AttnShape *s) {
   real_t *O = o, *L = lse;
-  const real_t *Q = q, *K = k, *V = v;
+  const real_t *Q = q, *K = k, *V = v, *S = sinks;
   NMOE_ASSERT(s->Hkv > 0 && s->Hq % s->Hkv == 0);
   int T = s->T, Hq = s->Hq, grp = s->Hq / s->Hkv, dqk = s->dqk, dv = s->dv;
   long rows = (long)s->B * Hq * T;
@@ -39,12 +45,12 @@ void cpu_attn_fwd(Backend *be, void *o, void *lse, const void *q, const void *k,
       int g = h / grp, lo = key_lo(s, i);
       size_t n = (size_t)b * T + i;
       const real_t *qi = Q + n * s->ldq + (size_t)h * dqk;
-      real_t m = -INFINITY;
+      real_t m = S ? S[h] : -INFINITY;
       for (int j = lo; j <= i; j++) {
         p[j] = scale * cpu_dot(qi, K + ((size_t)b * T + j) * s->ldk + (size_t)g * dqk, dqk);
         if (p[j] > m) m = p[j];
       }
-      real_t l = 0;
+      real_t l = S ? exp(S[h] - m) : 0;
       for (int j = lo; j <= i; j++) {
         p[j] = exp(p[j] - m);
         l += p[j];
@@ -62,12 +68,13 @@ void cpu_attn_fwd(Backend *be, void *o, void *lse, const void *q, const void *k,
   }
 }
 
-void cpu_attn_bwd(Backend *be, void *dq, void *dk, void *dv, const void *dout, const void *q,
-                  const void *k, const void *v, const void *o, const void *lse,
-                  const AttnShape *s) {
-  real_t *dQ = dq, *dK = dk, *dV = dv;
-  const real_t *dO = dout, *Q = q, *K = k, *V = v, *O = o, *L = lse;
+void cpu_attn_bwd(Backend *be, void *dq, void *dk, void *dv, void *dsinks, const void *dout,
+                  const void *q, const void *k, const void *v, const void *o, const void *lse,
+                  const void *sinks, const AttnShape *s) {
+  real_t *dQ = dq, *dK = dk, *dV = dv, *dS = dsinks;
+  const real_t *dO = dout, *Q = q, *K = k, *V = v, *O = o, *L = lse, *S = sinks;
   NMOE_ASSERT(s->Hkv > 0 && s->Hq % s->Hkv == 0);
+  NMOE_ASSERT((S == NULL) == (dS == NULL));
   int B = s->B, T = s->T, Hq = s->Hq, Hkv = s->Hkv, grp = Hq / Hkv, dqk = s->dqk, dvd = s->dv;
   size_t ldo = (size_t)Hq * dvd;
   long rows = (long)B * Hq * T;
@@ -79,6 +86,19 @@ void cpu_attn_bwd(Backend *be, void *dq, void *dk, void *dv, const void *dout, c
     int i = (int)(r % T), h = (int)(r / T % Hq), b = (int)(r / T / Hq);
     size_t n = (size_t)b * T + i;
     Dsum[r] = cpu_dot(dO + n * ldo + (size_t)h * dvd, O + n * ldo + (size_t)h * dvd, dvd);
+  }
+
+  if (S) {
+#pragma omp parallel for schedule(static)
+    for (int h = 0; h < Hq; h++) {
+      real_t acc = 0;
+      for (int b = 0; b < B; b++)
+        for (int i = 0; i < T; i++) {
+          long r = ((long)b * Hq + h) * T + i;
+          acc += exp(S[h] - L[r]) * Dsum[r];
+        }
+      dS[h] -= acc;
+    }
   }
 
   /* dq: one task per (b, h, i). */

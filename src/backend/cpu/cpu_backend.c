@@ -122,6 +122,8 @@ Backend *backend_cpu(void) {
   be->gemm = cpu_gemm;
   be->grouped_gemm = cpu_grouped_gemm;
   be->add = cpu_add;
+  be->bias_add = cpu_bias_add;
+  be->bias_grad = cpu_bias_grad;
   be->sumsq = cpu_sumsq;
   be->embed_fwd = cpu_embed_fwd;
   be->embed_bwd = cpu_embed_bwd;

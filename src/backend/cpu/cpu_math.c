@@ -1,5 +1,6 @@
 /* cpu_math.c: dense math of the CPU backend: gemm (all transposes), grouped
- * (per-expert) gemm, elementwise add and the sum of squares.
+ * (per-expert) gemm, elementwise add, linear-layer bias (add, gradient) and the
+ * sum of squares.
  *
  * gemm splits C into MB x NB tiles, one thread per tile, and sums every C
  * element over k in ascending order (or in cpu_dot's fixed order when B is
@@ -121,6 +122,26 @@ void cpu_add(Backend *be, void *y, const void *a, const void *b, size_t n) {
   const real_t *A = a, *B = b;
 #pragma omp parallel for schedule(static) if (n > 65536)
   for (size_t i = 0; i < n; i++) Y[i] = A[i] + B[i];
+}
+
+void cpu_bias_add(Backend *be, void *y, const void *b, int N, int C) {
+  real_t *Y = y;
+  const real_t *Bv = b;
+#pragma omp parallel for schedule(static) if ((long)N * C > 65536)
+  for (int n = 0; n < N; n++)
+    for (int c = 0; c < C; c++) Y[(size_t)n * C + c] += Bv[c];
+}
+
+/* One task per column (rows in order): deterministic, each db element once. */
+void cpu_bias_grad(Backend *be, void *db, const void *dy, int N, int C) {
+  real_t *dB = db;
+  const real_t *dY = dy;
+#pragma omp parallel for schedule(static) if ((long)N * C > 65536)
+  for (int c = 0; c < C; c++) {
+    real_t acc = 0;
+    for (int n = 0; n < N; n++) acc += dY[(size_t)n * C + c];
+    dB[c] += acc;
+  }
 }
 
 double cpu_sumsq(Backend *be, const void *x, size_t n) {

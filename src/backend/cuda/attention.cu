@@ -13,7 +13,11 @@
  *
  * Forward (one CTA per ATT_BM = 64 queries of one (sequence, head)): S = Q K^T per key
  * block, online softmax in fp32 (base-2 exponent with the scale folded in),
- * O += P V; writes o (bf16) and lse (natural log, F32 [B, Hq, T]).
+ * O += P V; writes o (bf16) and lse (natural log, F32 [B, Hq, T]). With sinks,
+ * each row's online softmax starts at m = s_h (in the same base-2 units),
+ * l = 1, O = 0: the sink is one more logit with a zero value, so lse includes
+ * it and the backward's P = exp(z - lse) needs no change. Without sinks the
+ * start is m = -inf, l = 0, O = 0 as always (the same code, same bits).
  *
  * Backward, deterministic without atomics, three kernels:
  *   attn_bwd_dot   D[b,h,i] = sum_c dO*O (fp32, scratch)
@@ -26,6 +30,9 @@
  * The separate dQ pass costs one extra QK^T and dO V^T product per tile
  * (7 products instead of 5) but needs no fp32 dQ buffer and no ordering
  * between CTAs: it is the simplest deterministic scheme.
+ *   attn_sinks_grad (with sinks) dsinks[h] -= sum over (b, i) of
+ *                  exp(s_h - lse) * D: one CTA per head, a fixed split over
+ *                  threads and a fixed tree (no atomics).
  *
  * Fragment layout of mma.m16n8k16 (g = lane/4, t = lane%4): accumulator
  * c0,c1 = (row g, cols 2t,2t+1), c2,c3 = (row g+8, same cols). Each thread
@@ -212,7 +219,8 @@ __device__ __forceinline__ bool tile_needs_mask(int m0, int bmq, int n0, int bnk
 template <int DQK, int DV, bool PAD>
 __global__ void __launch_bounds__(ATT_THREADS)
     attn_fwd_kernel(bf16 *__restrict__ o, float *__restrict__ lse, const bf16 *__restrict__ q,
-                    const bf16 *__restrict__ k, const bf16 *__restrict__ v, AttnShape s) {
+                    const bf16 *__restrict__ k, const bf16 *__restrict__ v,
+                    const float *__restrict__ sinks, AttnShape s) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   bf16 *sq = (bf16 *)smem_raw;             /* [BM, DQK] */
   bf16 *sk = sq + ATT_BM * DQK;            /* 2 x [BN, DQK] */
@@ -239,6 +247,10 @@ __global__ void __launch_bounds__(ATT_THREADS)
 #pragma unroll
   for (int i = 0; i < DV / 8; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
   float mrow[2] = {-INFINITY, -INFINITY}, lrow[2] = {0.f, 0.f};
+  if (sinks) { /* the sink's exp(s - m) = 1, counted once per row (lane t = 0 of the quad) */
+    mrow[0] = mrow[1] = sinks[h] * LOG2E;
+    lrow[0] = lrow[1] = t == 0 ? 1.f : 0.f;
+  }
   const int qi0 = m0 + warp * 16 + g; /* this thread's rows: qi0, qi0 + 8 */
 
   for (int nb = n_first; nb < n_end; nb++) {
@@ -592,7 +604,8 @@ __device__ __forceinline__ void row_to_smem(float *dst, const bf16 *src, int n, 
  * o accumulated per column. Per-warp smem floats: q [dqk], o [dv], p [32]. */
 __global__ void __launch_bounds__(ATT_FB_WARPS * 32)
     attn_fwd_ref_kernel(bf16 *__restrict__ o, float *__restrict__ lse, const bf16 *__restrict__ q,
-                        const bf16 *__restrict__ k, const bf16 *__restrict__ v, AttnShape s) {
+                        const bf16 *__restrict__ k, const bf16 *__restrict__ v,
+                        const float *__restrict__ sinks, AttnShape s) {
   extern __shared__ float fsm[];
   const int lane = threadIdx.x & 31, T = s.T, dqk = s.dqk, dv = s.dv;
   const long row = (long)blockIdx.x * ATT_FB_WARPS + (threadIdx.x >> 5); /* (b*Hq + h)*T + i */
@@ -605,7 +618,7 @@ __global__ void __launch_bounds__(ATT_FB_WARPS * 32)
   __syncwarp();
   const bf16 *kb = k + (size_t)b * T * s.ldk + (size_t)hk * dqk;
   const bf16 *vb = v + (size_t)b * T * s.ldv + (size_t)hk * dv;
-  float m = -INFINITY, l = 0.f;
+  float m = sinks ? sinks[h] : -INFINITY, l = sinks ? 1.f : 0.f; /* the sink: exp(s - s) */
   for (int jc = s.window > 0 ? max(0, i - s.window + 1) : 0; jc <= i; jc += 32) {
     const int j = jc + lane, n = min(32, i - jc + 1);
     const float x = j <= i ? s.scale * dot_row(kb + (size_t)j * s.ldk, sq, dqk) : -INFINITY;
@@ -730,6 +743,34 @@ __global__ void __launch_bounds__(ATT_FB_WARPS * 32)
   for (int c = lane; c < dw; c += 32) dv[vrow + c] = __float2bfloat16(adv[c]);
 }
 
+/* ------------------------------------------------------------- sinks */
+
+#define ATT_SINK_THREADS 256
+
+/* dsinks[h] -= sum over (b, i) of exp(s_h - lse[b,h,i]) * dd[b,h,i]: one CTA per
+ * head; thread x sums the (b, i) pairs x, x + 256, ... in order, then a fixed
+ * tree over the threads. */
+__global__ void __launch_bounds__(ATT_SINK_THREADS)
+    attn_sinks_grad_kernel(float *__restrict__ dsinks, const float *__restrict__ sinks,
+                           const float *__restrict__ lse, const float *__restrict__ dd, int B,
+                           int Hq, int T) {
+  __shared__ float red[ATT_SINK_THREADS];
+  const int h = blockIdx.x;
+  const float sh = sinks[h];
+  float acc = 0.f;
+  for (long u = threadIdx.x; u < (long)B * T; u += ATT_SINK_THREADS) {
+    const size_t r = ((size_t)(u / T) * Hq + h) * T + (size_t)(u % T);
+    acc += expf(sh - lse[r]) * dd[r];
+  }
+  red[threadIdx.x] = acc;
+  __syncthreads();
+  for (int w = ATT_SINK_THREADS / 2; w > 0; w >>= 1) {
+    if (threadIdx.x < w) red[threadIdx.x] += red[threadIdx.x + w];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) dsinks[h] -= red[0];
+}
+
 /* ---------------------------------------------------------------- launch */
 
 static void attn_check(const AttnShape *s) {
@@ -796,13 +837,13 @@ template <typename F> static void att_dispatch(const AttnShape *s, F &&f) {
 
 template <int DQK, int DV, bool PAD>
 static void fwd_launch(AttTile<DQK, DV, PAD>, Backend *be, bf16 *o, float *lse, const bf16 *q,
-                       const bf16 *k, const bf16 *v, const AttnShape *s) {
+                       const bf16 *k, const bf16 *v, const float *sinks, const AttnShape *s) {
   const size_t smem = (size_t)(ATT_BM * DQK + 2 * ATT_BN * (DQK + DV)) * sizeof(bf16);
   CUDA_CHECK(cudaFuncSetAttribute(attn_fwd_kernel<DQK, DV, PAD>,
                                   cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
   dim3 grid(ceil_div(s->T, ATT_BM), s->Hq, s->B);
   attn_fwd_kernel<DQK, DV, PAD><<<grid, ATT_THREADS, smem, cuda_stream(be)>>>(o, lse, q, k, v,
-                                                                              *s);
+                                                                              sinks, *s);
   CUDA_LAUNCH_CHECK();
 }
 
@@ -817,10 +858,11 @@ static float *dot_launch(Backend *be, const bf16 *dout, const bf16 *o, const Att
   return dd;
 }
 
+/* Returns D (attention scratch), which the sinks gradient reads. */
 template <int DQK, int DV, bool PAD>
-static void bwd_launch(AttTile<DQK, DV, PAD>, Backend *be, bf16 *dq, bf16 *dk, bf16 *dv,
-                       const bf16 *dout, const bf16 *q, const bf16 *k, const bf16 *v,
-                       const bf16 *o, const float *lse, const AttnShape *s) {
+static const float *bwd_launch(AttTile<DQK, DV, PAD>, Backend *be, bf16 *dq, bf16 *dk, bf16 *dv,
+                               const bf16 *dout, const bf16 *q, const bf16 *k, const bf16 *v,
+                               const bf16 *o, const float *lse, const AttnShape *s) {
   cudaStream_t st = cuda_stream(be);
   const float *dd = dot_launch<PAD ? 0 : DV>(be, dout, o, s);
 
@@ -840,6 +882,7 @@ static void bwd_launch(AttTile<DQK, DV, PAD>, Backend *be, bf16 *dq, bf16 *dk, b
   attn_bwd_dq_kernel<DQK, DV, PAD><<<gq, ATT_THREADS, smem_q, st>>>(dq, dout, q, k, v, lse, dd,
                                                                     *s);
   CUDA_LAUNCH_CHECK();
+  return dd;
 }
 
 /* Launch a fallback kernel over `rows` warps with `floats` smem per warp. */
@@ -852,32 +895,42 @@ static void ref_launch(Backend *be, Kern kern, long rows, int floats, Args... ar
 }
 
 void cu_attn_fwd(Backend *be, void *o, void *lse, const void *q, const void *k, const void *v,
-                 const AttnShape *s) {
+                 const void *sinks, const AttnShape *s) {
   attn_check(s);
   bf16 *O = (bf16 *)o;
   float *L = (float *)lse;
   const bf16 *Q = (const bf16 *)q, *K = (const bf16 *)k, *V = (const bf16 *)v;
+  const float *S = (const float *)sinks;
   if (att_fast(s, {o, q, k, v}))
-    att_dispatch(s, [&](auto tile) { fwd_launch(tile, be, O, L, Q, K, V, s); });
+    att_dispatch(s, [&](auto tile) { fwd_launch(tile, be, O, L, Q, K, V, S, s); });
   else
     ref_launch(be, attn_fwd_ref_kernel, (long)s->B * s->Hq * s->T, s->dqk + s->dv + 32, O, L, Q,
-               K, V, *s);
+               K, V, S, *s);
 }
 
-void cu_attn_bwd(Backend *be, void *dq, void *dk, void *dv, const void *dout, const void *q,
-                 const void *k, const void *v, const void *o, const void *lse, const AttnShape *s) {
+void cu_attn_bwd(Backend *be, void *dq, void *dk, void *dv, void *dsinks, const void *dout,
+                 const void *q, const void *k, const void *v, const void *o, const void *lse,
+                 const void *sinks, const AttnShape *s) {
   attn_check(s);
+  NMOE_ASSERT((sinks == NULL) == (dsinks == NULL));
   bf16 *DQ = (bf16 *)dq, *DK = (bf16 *)dk, *DV = (bf16 *)dv;
   const bf16 *DO = (const bf16 *)dout, *Q = (const bf16 *)q, *K = (const bf16 *)k,
              *V = (const bf16 *)v, *O = (const bf16 *)o;
-  const float *L = (const float *)lse;
+  const float *L = (const float *)lse, *dd = NULL;
   if (att_fast(s, {dq, dk, dv, dout, q, k, v, o})) {
-    att_dispatch(s, [&](auto tile) { bwd_launch(tile, be, DQ, DK, DV, DO, Q, K, V, O, L, s); });
-    return;
+    att_dispatch(s, [&](auto tile) {
+      dd = bwd_launch(tile, be, DQ, DK, DV, DO, Q, K, V, O, L, s);
+    });
+  } else {
+    dd = dot_launch<0>(be, DO, O, s);
+    ref_launch(be, attn_bwd_dkdv_ref_kernel, (long)s->B * s->Hkv * s->T,
+               2 * s->dqk + 2 * s->dv + 64, DK, DV, DO, Q, K, V, L, dd, *s);
+    ref_launch(be, attn_bwd_dq_ref_kernel, (long)s->B * s->Hq * s->T, 2 * s->dqk + s->dv + 32,
+               DQ, DO, Q, K, V, L, dd, *s);
   }
-  const float *dd = dot_launch<0>(be, DO, O, s);
-  ref_launch(be, attn_bwd_dkdv_ref_kernel, (long)s->B * s->Hkv * s->T,
-             2 * s->dqk + 2 * s->dv + 64, DK, DV, DO, Q, K, V, L, dd, *s);
-  ref_launch(be, attn_bwd_dq_ref_kernel, (long)s->B * s->Hq * s->T, 2 * s->dqk + s->dv + 32, DQ,
-             DO, Q, K, V, L, dd, *s);
+  if (sinks) {
+    attn_sinks_grad_kernel<<<s->Hq, ATT_SINK_THREADS, 0, cuda_stream(be)>>>(
+        (float *)dsinks, (const float *)sinks, L, dd, s->B, s->Hq, s->T);
+    CUDA_LAUNCH_CHECK();
+  }
 }

@@ -281,6 +281,8 @@ extern "C" Backend *backend_cuda(int device, char *err, size_t errlen) {
   be->gemm = cu_gemm;
   be->grouped_gemm = cu_grouped_gemm;
   be->add = cu_add;
+  be->bias_add = cu_bias_add;
+  be->bias_grad = cu_bias_grad;
   be->sumsq = cu_sumsq;
   be->embed_fwd = cu_embed_fwd;
   be->embed_bwd = cu_embed_bwd;

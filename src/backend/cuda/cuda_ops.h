@@ -7,7 +7,8 @@
  *   norm_rope.cu     rmsnorm_*, rope, mla_kv_split*
  *   router_moe.cu    router_*, moe_*
  *   xent.cu          xent
- *   attention.cu     attn_fwd, attn_bwd */
+ *   attention.cu     attn_fwd, attn_bwd
+ *   bias.cu          bias_add, bias_grad */
 #ifndef NMOE_CUDA_OPS_H
 #define NMOE_CUDA_OPS_H
 #include "backend/backend.h"
@@ -32,9 +33,12 @@ void cu_rmsnorm_bwd(Backend *be, void *dx, void *dw, const void *dy, const void 
 void cu_rope(Backend *be, void *x, const void *cos, const void *sin, int N, int T, int H, int ldx,
              int hs, int off, int rd, int inverse);
 void cu_attn_fwd(Backend *be, void *o, void *lse, const void *q, const void *k, const void *v,
-                 const AttnShape *s);
-void cu_attn_bwd(Backend *be, void *dq, void *dk, void *dv, const void *dout, const void *q,
-                 const void *k, const void *v, const void *o, const void *lse, const AttnShape *s);
+                 const void *sinks, const AttnShape *s);
+void cu_attn_bwd(Backend *be, void *dq, void *dk, void *dv, void *dsinks, const void *dout,
+                 const void *q, const void *k, const void *v, const void *o, const void *lse,
+                 const void *sinks, const AttnShape *s);
+void cu_bias_add(Backend *be, void *y, const void *b, int N, int C);
+void cu_bias_grad(Backend *be, void *db, const void *dy, int N, int C);
 void cu_mla_kv_split(Backend *be, void *k, void *v, const void *kv, const void *kr, int ldkr, int N,
                      int H, int dn, int dr, int dv);
 void cu_mla_kv_split_bwd(Backend *be, void *dkv, void *dkr, int ldkr, const void *dk,
