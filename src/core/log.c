@@ -1,8 +1,10 @@
 /* log.c: console logging, fatal errors with cleanup hooks, checked allocation. */
 #include "core/log.h"
 
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #define MAX_HOOKS 8
 typedef struct { FatalHook fn; void *ctx; } Hook;
@@ -57,6 +59,15 @@ void nmoe_on_fatal_remove(FatalHook hook, void *ctx) {
 }
 
 void nmoe_fatal(const char *fmt, ...) {
+  /* One fatal error per process: a second thread failing meanwhile (say a
+   * watchdog and the main thread) waits here for the first one's exit. */
+  static atomic_flag taken = ATOMIC_FLAG_INIT;
+  static _Thread_local int ours; /* a hook of ours failing in turn goes on */
+  if (!ours) {
+    if (atomic_flag_test_and_set(&taken))
+      for (;;) pause();
+    ours = 1;
+  }
   char msg[2048];
   va_list ap;
   va_start(ap, fmt);

@@ -103,12 +103,30 @@ Comm *comm_open(const DistInfo *di, Backend *be) {
   char err[512];
   Store *st = store_open(di->rank, di->world, addr, port, timeout_s, err, sizeof err);
   if (!st) nmoe_fatal("rendezvous at %s:%d failed: %s", addr, port, err);
+  /* Every rank must pick the same transport: compare the backends first. */
+  char mine[16] = {0}, *all = xcalloc((size_t)di->world, sizeof mine);
+  snprintf(mine, sizeof mine, "%s", be->name);
+  if (store_all_gather(st, all, mine, sizeof mine, err, sizeof err))
+    nmoe_fatal("rendezvous at %s:%d failed: %s", addr, port, err);
+  for (int r = 1; r < di->world; r++)
+    if (strcmp(all + (size_t)r * sizeof mine, all))
+      nmoe_fatal("rank %d runs the %s backend and rank 0 the %s backend: every rank needs the same "
+                 "device", r, all + (size_t)r * sizeof mine, all);
+  free(all);
   if (!strcmp(be->name, "cpu")) return comm_shm_open(di, be, st);
 #ifdef NMOE_CUDA
   if (!strcmp(be->name, "cuda")) return comm_cuda_open(di, be, st);
 #endif
   store_close(st);
   nmoe_fatal("no multi-process transport for the %s backend", be->name);
+}
+
+void comm_host_barrier(Comm *c, int timeout_s) {
+  if (!c->store) return;
+  char err[512];
+  int old = timeout_s > 0 ? store_set_timeout(c->store, timeout_s) : 0;
+  if (store_barrier(c->store, err, sizeof err)) nmoe_fatal("barrier: %s", err);
+  if (timeout_s > 0) store_set_timeout(c->store, old);
 }
 
 /* ---- host sums ---- */

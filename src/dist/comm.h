@@ -76,6 +76,12 @@ Comm *comm_shm_open(const DistInfo *di, Backend *be, struct Store *st);
 Comm *comm_cuda_open(const DistInfo *di, Backend *be, struct Store *st);
 #endif
 
+/* A host barrier: the caller's thread blocks until every rank arrives (the
+ * Comm's barrier op is ordered on the backend stream instead). timeout_s > 0
+ * replaces NMOE_DIST_TIMEOUT_S for this wait: for waits that are legitimately
+ * long, like rank 0 finishing a large checkpoint. */
+void comm_host_barrier(Comm *c, int timeout_s);
+
 /* Host helpers over all_gather_host (same result on every rank). */
 int64_t comm_sum_i64(Comm *c, int64_t x);
 double comm_sum_f64(Comm *c, double x);   /* summed in rank order */

@@ -271,6 +271,12 @@ static int rendezvous_peer(Store *s, const char *addr, int port, char *err, size
   return -1;
 }
 
+int store_set_timeout(Store *s, int timeout_s) {
+  int old = s->timeout_s;
+  s->timeout_s = timeout_s < 1 ? 1 : timeout_s > 1000000 ? 1000000 : timeout_s;
+  return old;
+}
+
 Store *store_open(int rank, int world, const char *addr, int port, int timeout_s, char *err,
                   size_t errlen) {
   if (world < 1 || rank < 0 || rank >= world || port <= 0 || port > 65535 || timeout_s <= 0) {

@@ -17,6 +17,9 @@ Store *store_open(int rank, int world, const char *addr, int port, int timeout_s
 /* out (world * bytes) = every rank's in (bytes), in rank order. */
 int store_all_gather(Store *s, void *out, const void *in, size_t bytes, char *err, size_t errlen);
 int store_barrier(Store *s, char *err, size_t errlen);
+/* The limit on each wait from now on (a peer that closes its connection is
+ * still an error at once); returns the previous limit. */
+int store_set_timeout(Store *s, int timeout_s);
 void store_close(Store *s);
 
 /* A port p such that p .. p+span-1 (span <= 8) can be bound right now (the

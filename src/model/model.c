@@ -267,8 +267,9 @@ void model_update_router_bias(Model *m, const int32_t *counts, double rate) {
 }
 
 int64_t model_param_count(const Model *m) {
-  int64_t n = 0;
-  for (int i = 0; i < m->pt.n; i++) n += (int64_t)m->pt.p[i].numel;
+  int64_t n = 0; /* the whole model: every rank's experts */
+  for (int i = 0; i < m->pt.n; i++)
+    n += (int64_t)m->pt.p[i].numel * (m->pt.p[i].owner == OWN_EXPERT ? m->ep_world : 1);
   return n;
 }
 

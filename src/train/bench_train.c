@@ -84,12 +84,12 @@ int bench_train_main(int argc, char **argv) {
     double ms[64];
     be->phase_report(be, names, ms, 64); /* discard warm-up phases */
   }
+  comm_host_barrier(comm, 0); /* all ranks start the clock together */
   double t0 = now_s();
   for (int s = 0; s < steps; s++) one_step(m, in, tg, B, T, warmup + s + 1);
   be->sync(be);
-  comm->barrier(comm);
+  comm_host_barrier(comm, 0); /* and stop it when the slowest is done */
   double dt = now_s() - t0;
-  dt = comm_sum_f64(comm, dt) / di.world; /* mean over ranks */
 
   const double tps = (double)steps * N * di.world / dt;
   const double flops_tok = model_flops_per_token(&m->d, &cfg, T);

@@ -130,6 +130,20 @@ typedef struct FileSum {
   char sha[65];  /* empty: hash from disk */
 } FileSum;
 
+/* The SHA-256 another rank recorded for its safetensors file in its rank json
+ * (written after that file): rank 0 need not read the whole file back. 0 when
+ * found, -1 when absent (then the file is hashed from disk). */
+static int recorded_sha(const char *it, int rank, char sha[65]) {
+  char p[CKPT_PATHN], err[256];
+  snprintf(p, sizeof p, "%s/rank_%03d.json", it, rank);
+  Json *j = json_parse_file(p, err, sizeof err);
+  const char *h = j ? json_get_str(j, "rank_file_sha256", "") : "";
+  int ok = strlen(h) == 64;
+  if (ok) memcpy(sha, h, 65);
+  json_free(j);
+  return ok ? 0 : -1;
+}
+
 /* Rank 0: waits for every rank's files, then writes the manifest, moves the
  * tracker and purges. own[] holds the hashes of the files rank 0 wrote;
  * total_bytes gets the size of the step. */
@@ -170,6 +184,10 @@ static int finalise(Ckpt *c, int64_t step, const char *it, const char *git_sha, 
     snprintf(fp, sizeof fp, "%s/%s", it, fs[i].name);
     for (int k = 0; k < n_own; k++)
       if (!strcmp(own[k].name, fs[i].name)) memcpy(fs[i].sha, own[k].sha, 65);
+    int r;
+    if (!fs[i].sha[0] && sscanf(fs[i].name, "rank_%d.safetensors", &r) == 1 &&
+        strstr(fs[i].name, ".safetensors"))
+      recorded_sha(it, r, fs[i].sha);
     if (!fs[i].sha[0] && sha256_file_hex(fp, fs[i].sha, err, errlen)) {
       free(jw_finish(&w));
       goto done;
@@ -235,10 +253,19 @@ static int save_one(Ckpt *c, const CkptSnapshot *s, char *err, size_t errlen) {
   snprintf(p, sizeof p, "%s/%s", it, own[n_own].name);
   if (write_tensors(p, s->rank_t, s->n_rank, s->step, own[n_own++].sha, err, errlen)) goto done;
   pace(c);
+  /* The rank json carries the hash of the rank's safetensors file (computed
+   * while writing it), so rank 0's finalise does not re-read big files. */
+  const char *body = strchr(meta_txt, '{') + 1; /* meta is an object */
+  size_t jn = strlen(body) + 128;
+  char *jtxt = xmalloc(jn);
+  snprintf(jtxt, jn, "{\"rank_file_sha256\": \"%s\"%s%s", own[n_own - 1].sha,
+           meta->n > 0 ? ", " : "", body);
   snprintf(own[n_own].name, sizeof own[0].name, "rank_%03d.json", c->rank);
   snprintf(p, sizeof p, "%s/%s", it, own[n_own].name);
-  sha256_hex(meta_txt, strlen(meta_txt), own[n_own++].sha);
-  if (fs_write_atomic(p, meta_txt, strlen(meta_txt), err, errlen)) goto done;
+  sha256_hex(jtxt, strlen(jtxt), own[n_own++].sha);
+  int jrc = fs_write_atomic(p, jtxt, strlen(jtxt), err, errlen);
+  free(jtxt);
+  if (jrc) goto done;
   if (c->rank == 0) pace(c);
   int64_t total = 0;
   if (c->rank == 0 && finalise(c, s->step, it, json_get_str(meta, "git_commit", "unknown"), own, n_own,

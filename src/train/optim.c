@@ -60,8 +60,9 @@ void optim_step(Model *m, int64_t step, double lr_scale, double clip_scale) {
         .grad_scale = (float)clip_scale,
         .stochastic_seed = !m->master && be->size[BUF_ACT] < be->size[BUF_F32]
                                ? ((uint64_t)c->seed << 32) ^ (uint64_t)step * 0x9E3779B97F4A7C15ull ^
-                                     (uint64_t)g ^ (g == GROUP_EXPERT ? (uint64_t)m->ep_rank << 40 : 0)
-                               : 0, /* dense replicas round alike; expert shards differ */
+                                     (uint64_t)a * 0xD1B54A32D192ED03ull ^
+                                     (g == GROUP_EXPERT ? (uint64_t)m->ep_rank << 40 : 0)
+                               : 0, /* keyed by where the range starts: shards draw apart */
     };
     const size_t sa = be->size[BUF_ACT], sf = be->size[BUF_F32], so = model_state_offset(m, a) * sf;
     be->adamw(be, (char *)m->params + a * sa, m->master ? (char *)m->master + so : NULL,

@@ -242,6 +242,9 @@ int train_main(int argc, char **argv) {
   Loader *loader = loader_open(&cfg, NULL, di.rank, di.world, err, sizeof err);
   if (!loader) nmoe_fatal("%s", err);
   if (cfg.eval_enabled) eval_check_mode(&cfg);
+  if (cfg.eval_enabled && di.world > 1)
+    nmoe_fatal("eval_enabled: scheduled evals load a one-process checkpoint, and this run has %d "
+               "ranks; use eval_every (in-loop eval on all ranks) instead", di.world);
   EvalSuite *evals = cfg.eval_every > 0 || cfg.eval_enabled ? eval_suite_open(&cfg) : NULL;
   EvalResult *eval_res = evals ? xcalloc((size_t)evals->n, sizeof *eval_res) : NULL;
   Backend *be = backend_open(cfg.device, di.local_rank);
@@ -400,7 +403,7 @@ int train_main(int argc, char **argv) {
           if (fs_exists(it) && fs_remove_tree(it))
             nmoe_fatal("checkpoint: cannot remove the stale %s", it);
         }
-        comm->barrier(comm);
+        comm_host_barrier(comm, 0);
       }
       CkptSnapshot *snap = train_state_snapshot(m, loader, &cfg, &di, &prog, git_hash);
       if (ckpt_save_async(ck, snap, err, sizeof err)) nmoe_fatal("checkpoint: %s", err);
@@ -416,6 +419,10 @@ int train_main(int argc, char **argv) {
     }
   }
   if (ckpt_close(ck, err, sizeof err)) nmoe_fatal("checkpoint: %s", err);
+  /* Rank 0 returns from ckpt_close only once the last checkpoint is finalised
+   * (after every rank's files are written): nobody leaves before that, so a
+   * launcher cannot stop rank 0 half way. That may take long for a big model. */
+  comm_host_barrier(comm, 24 * 3600);
   if (metrics_flush(rec.metrics, err, sizeof err)) nmoe_fatal("%s", err);
   nmoe_on_fatal_remove(on_fatal, &rec);
   if (rec.exp) {

@@ -70,13 +70,13 @@ CkptSnapshot *train_state_snapshot(Model *m, const Loader *loader, const Config 
   const int ns = state_bufs(m, sb);
   for (int i = 0; i < m->pt.n; i++) {
     const ParamInfo *p = &m->pt.p[i];
-    void *data = download_range(be, m->params, p->offset, p->numel, sa);
-    if (p->owner == OWN_DENSE)
-      add_tensor(&s->dense, &s->n_dense, &cap_d, p->name, dtype_of(sa), p->ndim, p->shape, data,
-                 p->numel * sa);
-    else
-      add_tensor(&s->rank_t, &s->n_rank, &cap_r, p->name, dtype_of(sa), p->ndim, p->shape, data,
-                 p->numel * sa);
+    /* dense weights are the same on every rank: only rank 0 writes them */
+    if (p->owner == OWN_DENSE && di->rank == 0)
+      add_tensor(&s->dense, &s->n_dense, &cap_d, p->name, dtype_of(sa), p->ndim, p->shape,
+                 download_range(be, m->params, p->offset, p->numel, sa), p->numel * sa);
+    else if (p->owner != OWN_DENSE)
+      add_tensor(&s->rank_t, &s->n_rank, &cap_r, p->name, dtype_of(sa), p->ndim, p->shape,
+                 download_range(be, m->params, p->offset, p->numel, sa), p->numel * sa);
     if (!state_per_param(m, p)) continue;
     for (int k = 0; k < ns; k++) {
       snprintf(name, sizeof name, "%s.%s", sb[k].prefix, p->name);
@@ -94,7 +94,7 @@ CkptSnapshot *train_state_snapshot(Model *m, const Loader *loader, const Config 
                  download_range(be, sb[k].buf, 0, len, sf), len * sf);
     }
   }
-  for (int li = 0; li < m->n_moe; li++) {
+  for (int li = 0; di->rank == 0 && li < m->n_moe; li++) {
     int64_t shape[1] = {m->d.E};
     float *b = xmalloc((size_t)m->d.E * sizeof(float));
     memcpy(b, m->router_bias_host + (size_t)li * m->d.E, (size_t)m->d.E * sizeof(float));
@@ -239,11 +239,20 @@ void train_state_restore(Model *m, Loader *loader, const Config *cfg, const Dist
     }
   }
   if (m->ep_world > 1) {
-    ParamInfo shard = {.ndim = 1, .shape = {(int64_t)(m->shard_hi - m->shard_lo)}};
+    const size_t len = m->shard_hi - m->shard_lo;
+    ParamInfo shard = {.ndim = 1, .shape = {(int64_t)len}};
     for (int k = 0; k < ns; k++) {
       snprintf(name, sizeof name, "%s.dense_shard", sb[k].prefix);
-      put_tensor(be, sb[k].buf, BUF_F32, need(l, name, &shard, cfg->checkpoint_dir, step),
-                 m->shard_hi - m->shard_lo, name);
+      const CkptTensor *t = ckpt_find(l, name);
+      if (!t && sb[k].buf == m->master) { /* as above: the master from the weights */
+        float *w = xmalloc(len * sizeof(float));
+        be->get(be, w, BUF_ACT, (char *)m->params + m->shard_lo * be->size[BUF_ACT], len);
+        be->put(be, m->master, BUF_F32, w, len);
+        free(w);
+        continue;
+      }
+      put_tensor(be, sb[k].buf, BUF_F32, t ? t : need(l, name, &shard, cfg->checkpoint_dir, step),
+                 len, name);
     }
   }
   for (int li = 0; li < m->n_moe; li++) {

@@ -120,5 +120,6 @@ expect_fail() { # pattern, ranks, extra args...
   [ "$rc" -ne 0 ] && printf '%s\n' "$out" | grep -q "$pat" || { printf '%s\n' "$out"; die "expected '$pat'"; }
 }
 expect_fail "must be divisible by the world size" 3 --steps=2 --batch_size=3 --checkpoint_dir="$T/ck_bad"
+expect_fail "use eval_every" 2 --steps=2 --eval_enabled=true --checkpoint_dir="$T/ck_bad"
 expect_fail "written by 2 ranks, this run has 1" 1 --steps=8 --checkpoint_dir="$T/ck_half" --resume
 echo "multi_rank e2e ok"
