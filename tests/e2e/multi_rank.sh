@@ -21,7 +21,11 @@ rank_losses() { # name rank
 
 # 1, 2 and 4 ranks, 8 steps, aux loss on: losses agree to float rounding.
 for n in 1 2 4; do run eq$n $n --steps=8 --checkpoint_every=0 --aux_loss_alpha=0.01; done
-for n in 2 4; do
+# and 2 ranks recomputing attention and experts in backward, with validation on
+run eq2r 2 --steps=8 --checkpoint_every=0 --aux_loss_alpha=0.01 --recompute_experts=true \
+  --recompute_attn=true --validation_enabled=true --validation_data_path="$T/data" --validation_every=4 \
+  --validation_steps=2
+for n in 2 4 2r; do
   "$PY" - "$T/metrics/eq1/rank_0.sqlite" "$T/metrics/eq$n/rank_0.sqlite" <<'PYEOF' || die "$n ranks differ from 1"
 import sqlite3, sys
 def get(p):
@@ -33,11 +37,11 @@ assert a.keys() == b.keys() and len(a) == 24, (len(a), len(b))
 bad = [(k, a[k], b[k]) for k in a if abs(a[k] - b[k]) > 2e-4 * max(1.0, abs(a[k]))]
 assert not bad, bad[:5]
 PYEOF
-  for r in $(seq 1 $((n - 1))); do
+  for r in $(seq 1 $((${n%r} - 1))); do
     cmp -s <(rank_losses eq$n 0) <(rank_losses eq$n $r) || die "$n ranks: rank $r reports another loss"
   done
 done
-echo "ok: 1, 2 and 4 ranks train alike"
+echo "ok: 1, 2 and 4 ranks train alike (and 2 with recompute + validation)"
 
 # Bit-exact resume on 2 ranks: 12 straight versus 6 + resume to 12.
 run full 2 --steps=12 --checkpoint_every=0
