@@ -7,7 +7,6 @@
 
 #include "core/fsutil.h"
 #include "core/log.h"
-#include "data/loader.h"
 #include "dist/dist.h"
 #include "eval/eval.h"
 #include "train/ckpt.h"
@@ -73,14 +72,11 @@ int eval_main(int argc, char **argv) {
 
   /* Tasks before the model: a bad task file fails at once. */
   EvalSuite *suite = eval_suite_open(&cfg);
-  /* train_state_restore also checks the fingerprint and data plan and puts
-   * back the loader cursor, which needs the run's loader. */
-  Loader *loader = loader_open(&cfg, NULL, 0, 1, err, sizeof err);
-  if (!loader) nmoe_fatal("%s", err);
+  /* Weights only: no loader, so the training data need not be present. */
   Backend *be = backend_open(cfg.device, 0);
   Model *m = model_create(&cfg, be, NULL);
   TrainProgress prog = {0};
-  train_state_restore(m, loader, &cfg, &di, step, &prog);
+  train_state_restore(m, NULL, &cfg, &di, step, &prog);
   const int B = (int)cfg.batch_size, T = (int)cfg.seq_len;
   EvalResult *res = xcalloc((size_t)suite->n, sizeof *res);
   double ms = eval_suite_score(m, suite, B, T, cfg.eval_budget_max_time_s, res);
@@ -93,7 +89,6 @@ int eval_main(int argc, char **argv) {
   eval_suite_free(suite);
   model_free(m);
   be->destroy(be);
-  loader_close(loader);
   config_free(&cfg);
   return 0;
 }

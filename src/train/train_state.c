@@ -216,7 +216,7 @@ void train_state_restore(Model *m, Loader *loader, const Config *cfg, const Dist
   if (!l) nmoe_fatal("cannot resume: %s", err);
   check_fingerprint(l->meta, cfg, where);
   const char *plan = json_get_str(l->meta, "plan_hash", "");
-  if (strcmp(plan, loader_plan_hash(loader)))
+  if (loader && strcmp(plan, loader_plan_hash(loader)))
     nmoe_fatal("cannot resume from %s: the data plan changed (plan hash %.12s, now %.12s)", where,
                plan, loader_plan_hash(loader));
   Backend *be = m->be;
@@ -267,7 +267,7 @@ void train_state_restore(Model *m, Loader *loader, const Config *cfg, const Dist
   const Json *cursor = json_get(l->meta, "loader");
   if (!cursor) nmoe_fatal("checkpoint %s has no loader cursor", where);
   char *cursor_text = json_dump(cursor);
-  if (loader_restore_json(loader, cursor_text, err, sizeof err))
+  if (loader && loader_restore_json(loader, cursor_text, err, sizeof err))
     nmoe_fatal("cannot resume from %s: loader cursor: %s", where, err);
   free(cursor_text);
   prog->step = json_get_int(l->meta, "step", -1);

@@ -27,7 +27,8 @@ CkptSnapshot *train_state_snapshot(Model *m, const Loader *loader, const Config 
                                    const char *git_hash);
 /* Restores step of cfg->checkpoint_dir into m, loader and prog; fatal with a
  * clear message on any mismatch (fingerprint fields, plan hash, world size,
- * shapes) or corruption. */
+ * shapes) or corruption. loader NULL: weights and optimizer only (an eval
+ * needs no training data). */
 void train_state_restore(Model *m, Loader *loader, const Config *cfg, const DistInfo *di,
                          int64_t step, TrainProgress *prog);
 
