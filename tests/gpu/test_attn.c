@@ -12,13 +12,17 @@
  * (64/64, 128/128, 192/128), padded tensor-core tiles for other multiples of
  * 8 (24/16 as in configs/tiny.toml, 32/32, 16/16, 200/136, 256/256), and the
  * scalar fallback (12/8, 272/40, and multiple-of-8 widths whose packed row
- * strides are not 16-byte aligned).
+ * strides are not 16-byte aligned). Cases marked "sinks" add learned
+ * per-head sink logits (F32 [Hq]): o, lse and dq/dk/dv with the sink in each
+ * softmax denominator, and dsinks (accumulated onto 0.5, so an op that
+ * overwrites instead fails) against the reference on every path.
  *
  * Tolerances: outputs are bf16 (relative rounding 2^-9 ~ 2e-3 per element)
  * and P, dS enter the second products as bf16, so the relative Frobenius
  * error lands at a few 1e-3; 1e-2 is the bound for bf16 operands with fp32
  * accumulation. lse is computed and stored in fp32 from the same inputs:
- * absolute error within 1e-3.
+ * absolute error within 1e-3. dsinks is an fp32 sum over B*T terms of
+ * exp(s - lse) * D, D a bf16-input dot product: relative 1e-2 as the rest.
  *
  * `test_attn --bench` times the MLA shape B=2 H=16 T=4096 (192/128), MHA
  * B=16 H=12 T=2048 d=64 and the small MLA heads 24/16 (B=8 H=16 T=2048,
@@ -90,12 +94,13 @@ static int report(const char *name, const char *what, Err e, double tol, int rel
   return ok;
 }
 
-/* Host float64 reference. q [N, ldq], k [N, ldk], v [N, ldv], dout [N, Hq*dv].
- * Writes o [N, Hq*dv], lse [B*Hq*T], dq/dk/dv in the packed layouts (only
- * head regions; zero-initialised by the caller). */
+/* Host float64 reference. q [N, ldq], k [N, ldk], v [N, ldv], dout [N, Hq*dv],
+ * sinks [Hq] or NULL. Writes o [N, Hq*dv], lse [B*Hq*T], dq/dk/dv in the
+ * packed layouts (only head regions) and dsinks [Hq] (with sinks); all
+ * zero-initialised by the caller. */
 static void attn_ref(const AttnShape *s, const float *q, const float *k, const float *v,
-                     const float *dout, double *o, double *lse, double *dq, double *dk,
-                     double *dv) {
+                     const float *dout, const float *sinks, double *o, double *lse, double *dq,
+                     double *dk, double *dv, double *dsinks) {
   const int T = s->T, G = s->Hq / s->Hkv, ldo = s->Hq * s->dv;
   double *p = xmalloc(T * sizeof(double)), *dp = xmalloc(T * sizeof(double));
   for (int b = 0; b < s->B; b++)
@@ -114,8 +119,11 @@ static void attn_ref(const AttnShape *s, const float *q, const float *k, const f
           p[j] = acc * s->scale;
           if (p[j] > mx) mx = p[j];
         }
+        if (sinks && sinks[h] > mx) mx = sinks[h];
         for (int j = j0; j <= i; j++) sum += (p[j] = exp(p[j] - mx));
-        lse[((size_t)b * s->Hq + h) * T + i] = mx + log(sum);
+        if (sinks) sum += exp(sinks[h] - mx);
+        const double l = mx + log(sum);
+        lse[((size_t)b * s->Hq + h) * T + i] = l;
         for (int c = 0; c < s->dv; c++) oi[c] = 0;
         for (int j = j0; j <= i; j++) {
           const float *vj = v + (size_t)(b * T + j) * s->ldv + hk * s->dv;
@@ -128,6 +136,7 @@ static void attn_ref(const AttnShape *s, const float *q, const float *k, const f
           dp[j] = acc;
         }
         for (int c = 0; c < s->dv; c++) dsum += doi[c] * oi[c];
+        if (sinks) dsinks[h] -= exp(sinks[h] - l) * dsum;
         double *dqi = dq + (size_t)(b * T + i) * s->ldq + h * s->dqk;
         for (int j = j0; j <= i; j++) {
           const float *kj = k + (size_t)(b * T + j) * s->ldk + hk * s->dqk;
@@ -169,8 +178,9 @@ static void check_packed(const char *name, const char *what, const float *got, c
  * with the float64 reference to float rounding: this pins the contract
  * (layouts, lse, masking) that the CUDA results are then held to. */
 static void cpu_crosscheck(const char *name, const AttnShape *s, const float *q, const float *kv,
-                           const float *v, const float *dout, const double *ro, const double *rl,
-                           const double *rdq, const double *rdk, const double *rdv, int packed) {
+                           const float *v, const float *dout, const float *sinks,
+                           const double *ro, const double *rl, const double *rdq,
+                           const double *rdk, const double *rdv, const double *rds, int packed) {
   Backend *cpu = backend_cpu();
   const size_t N = (size_t)s->B * s->T, nq = N * s->ldq, nk = N * s->ldk, nv = N * s->ldv;
   const size_t no = N * s->Hq * s->dv, nl = (size_t)s->B * s->Hq * s->T;
@@ -180,6 +190,12 @@ static void cpu_crosscheck(const char *name, const AttnShape *s, const float *q,
   void *bo = cpu->alloc(cpu, no * sz), *bl = cpu->alloc(cpu, nl * cpu->size[BUF_F32]);
   void *gq = cpu->alloc(cpu, nq * sz), *gk = cpu->alloc(cpu, nk * sz);
   void *gv = packed ? NULL : cpu->alloc(cpu, nv * sz);
+  void *bs = NULL, *gs = NULL; /* sinks, dsinks F32 [Hq] */
+  if (sinks) {
+    bs = cpu->alloc(cpu, s->Hq * cpu->size[BUF_F32]);
+    gs = cpu->alloc(cpu, s->Hq * cpu->size[BUF_F32]); /* zero-filled */
+    cpu->put(cpu, bs, BUF_F32, sinks, s->Hq);
+  }
   const size_t voff = packed ? (size_t)s->Hkv * s->dqk : 0;
   cpu->put(cpu, bq, BUF_ACT, q, nq);
   cpu->put(cpu, bk, BUF_ACT, kv, nk);
@@ -187,10 +203,10 @@ static void cpu_crosscheck(const char *name, const AttnShape *s, const float *q,
   cpu->put(cpu, bdo, BUF_ACT, dout, no);
   const void *vp = packed ? (const void *)((char *)bk + voff * sz) : bv;
   void *gvp = packed ? (void *)((char *)gk + voff * sz) : gv;
-  cpu->attn_fwd(cpu, bo, bl, bq, bk, vp, s);
-  cpu->attn_bwd(cpu, gq, gk, gvp, bdo, bq, bk, vp, bo, bl, s);
+  cpu->attn_fwd(cpu, bo, bl, bq, bk, vp, bs, s);
+  cpu->attn_bwd(cpu, gq, gk, gvp, gs, bdo, bq, bk, vp, bo, bl, bs, s);
   float *f = xmalloc((nq > no ? (nq > nk ? nq : nk) : (no > nk ? no : nk)) * sizeof(float));
-  Err e[5] = {{0}};
+  Err e[6] = {{0}};
   cpu->get(cpu, f, BUF_ACT, bo, no);
   for (size_t i = 0; i < no; i++) err_add(&e[0], f[i], ro[i]);
   cpu->get(cpu, f, BUF_F32, bl, nl);
@@ -205,12 +221,16 @@ static void cpu_crosscheck(const char *name, const AttnShape *s, const float *q,
   const float *fv = packed ? f + voff : f;
   for (size_t r = 0; r < N; r++)
     for (int c = 0; c < s->Hkv * s->dv; c++) err_add(&e[4], fv[r * s->ldv + c], rdv[r * s->ldv + c]);
+  if (sinks) {
+    cpu->get(cpu, f, BUF_F32, gs, s->Hq);
+    for (int h = 0; h < s->Hq; h++) err_add(&e[5], f[h], rds[h]);
+  }
   char label[64];
   snprintf(label, sizeof label, "%s (cpu)", name);
-  static const char *what[5] = {"o", "lse", "dq", "dk", "dv"};
-  for (int i = 0; i < 5; i++) report(label, what[i], e[i], 1e-4, i != 1);
+  static const char *what[6] = {"o", "lse", "dq", "dk", "dv", "dsnk"};
+  for (int i = 0; i < (sinks ? 6 : 5); i++) report(label, what[i], e[i], 1e-4, i != 1);
   free(f);
-  void *bufs[] = {bq, bk, bv, bdo, bo, bl, gq, gk, gv};
+  void *bufs[] = {bq, bk, bv, bdo, bo, bl, gq, gk, gv, bs, gs};
   for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++)
     if (bufs[i]) cpu->free(cpu, bufs[i]);
   cpu->destroy(cpu);
@@ -221,6 +241,7 @@ typedef struct {
   int B, T, Hq, Hkv, dqk, dv, window;
   int packed; /* q with extra columns; k and v inside one kv buffer */
   int skew;   /* packed: one more column per row, so rows are not 16-byte aligned */
+  int sinks;  /* learned per-head sink logits */
 } Case;
 
 static void run_case(Backend *be, const Case *c) {
@@ -250,15 +271,26 @@ static void run_case(Backend *be, const Case *c) {
   const void *vptr = c->packed ? (const void *)((char *)dk_in + (size_t)voff * be->size[BUF_ACT])
                                : dv_in;
   const float *hvv = c->packed ? hk + voff : hv;
+  /* Sinks near the scores' log-sum-exp, so the sink takes a real share. */
+  float *hs = NULL;
+  void *sk = NULL, *gs = NULL;
+  if (c->sinks) {
+    hs = xmalloc(c->Hq * sizeof(float));
+    for (int h = 0; h < c->Hq; h++) hs[h] = 2.0f + rng_normal();
+    sk = be->alloc(be, c->Hq * be->size[BUF_F32]);
+    gs = be->alloc(be, c->Hq * be->size[BUF_F32]);
+    be->put(be, sk, BUF_F32, hs, c->Hq);
+  }
 
-  printf("%s: B=%d T=%d Hq=%d Hkv=%d dqk=%d dv=%d window=%d%s%s\n", c->name, c->B, c->T, c->Hq,
-         c->Hkv, c->dqk, c->dv, c->window, c->packed ? " packed" : "",
-         c->skew ? " unaligned" : "");
+  printf("%s: B=%d T=%d Hq=%d Hkv=%d dqk=%d dv=%d window=%d%s%s%s\n", c->name, c->B, c->T,
+         c->Hq, c->Hkv, c->dqk, c->dv, c->window, c->packed ? " packed" : "",
+         c->skew ? " unaligned" : "", c->sinks ? " sinks" : "");
   double *ro = xcalloc(no, 8), *rl = xcalloc(nl, 8), *rdq = xcalloc(nq, 8);
   double *rdk = xcalloc(nk, 8), *rdv = c->packed ? rdk + voff : xcalloc(N * s.ldv, 8);
+  double *rds = xcalloc(c->Hq, 8);
   /* Packed: dk and dv share one gradient buffer, like k and v. */
-  attn_ref(&s, hq, hk, hvv, hdo, ro, rl, rdq, rdk, rdv);
-  cpu_crosscheck(c->name, &s, hq, hk, hv, hdo, ro, rl, rdq, rdk, rdv, c->packed);
+  attn_ref(&s, hq, hk, hvv, hdo, hs, ro, rl, rdq, rdk, rdv, rds);
+  cpu_crosscheck(c->name, &s, hq, hk, hv, hdo, hs, ro, rl, rdq, rdk, rdv, rds, c->packed);
 
   void *o = be->alloc(be, no * be->size[BUF_ACT]);
   void *lse = be->alloc(be, nl * be->size[BUF_F32]);
@@ -270,10 +302,12 @@ static void run_case(Backend *be, const Case *c) {
 
   float *fo = xmalloc(no * 4), *fl = xmalloc(nl * 4), *fq = xmalloc(nq * 4), *fk = xmalloc(nk * 4);
   float *fv = c->packed ? NULL : xmalloc(nv * 4);
-  unsigned char *first[5] = {0};
-  size_t bytes[5] = {no * be->size[BUF_ACT], nl * be->size[BUF_F32], nq * be->size[BUF_ACT],
-                     nk * be->size[BUF_ACT], c->packed ? 0 : nv * be->size[BUF_ACT]};
-  void *outs[5] = {o, lse, gq, gkv, gv};
+  unsigned char *first[6] = {0};
+  size_t bytes[6] = {no * be->size[BUF_ACT], nl * be->size[BUF_F32], nq * be->size[BUF_ACT],
+                     nk * be->size[BUF_ACT], c->packed ? 0 : nv * be->size[BUF_ACT],
+                     c->sinks ? c->Hq * be->size[BUF_F32] : 0};
+  void *outs[6] = {o, lse, gq, gkv, gv, gs};
+  float *fs = xmalloc(c->Hq * sizeof(float));
 
   for (int run = 0; run < 2; run++) {
     poison(be, o, BUF_ACT, N, ldo, 0, ldo);
@@ -285,8 +319,12 @@ static void run_case(Backend *be, const Case *c) {
       poison(be, gkv, BUF_ACT, N, s.ldk, 0, s.ldk);
       poison(be, gv, BUF_ACT, N, s.ldv, 0, s.ldv);
     }
-    be->attn_fwd(be, o, lse, dq_in, kptr, vptr, &s);
-    be->attn_bwd(be, gq, gkp, gvp, ddo, dq_in, kptr, vptr, o, lse, &s);
+    if (c->sinks) { /* dsinks accumulate: start every head at 0.5 */
+      for (int h = 0; h < c->Hq; h++) fs[h] = 0.5f;
+      be->put(be, gs, BUF_F32, fs, c->Hq);
+    }
+    be->attn_fwd(be, o, lse, dq_in, kptr, vptr, sk, &s);
+    be->attn_bwd(be, gq, gkp, gvp, gs, ddo, dq_in, kptr, vptr, o, lse, sk, &s);
     be->sync(be);
     if (run == 0) {
       be->get(be, fo, BUF_ACT, o, no);
@@ -306,14 +344,20 @@ static void run_case(Backend *be, const Case *c) {
         check_packed(c->name, "dk", fk, rdk, N, s.ldk, 0, s.ldk, 1e-2);
         check_packed(c->name, "dv", fv, rdv, N, s.ldv, 0, s.ldv, 1e-2);
       }
-      for (int i = 0; i < 5; i++) {
+      if (c->sinks) {
+        Err es = {0};
+        be->get(be, fs, BUF_F32, gs, c->Hq);
+        for (int h = 0; h < c->Hq; h++) err_add(&es, fs[h] - 0.5, rds[h]);
+        report(c->name, "dsnk", es, 1e-2, 1);
+      }
+      for (int i = 0; i < 6; i++) {
         if (!bytes[i]) continue;
         first[i] = xmalloc(bytes[i]);
         be->download(be, first[i], outs[i], bytes[i]);
       }
     } else {
       int same = 1;
-      for (int i = 0; i < 5; i++) {
+      for (int i = 0; i < 6; i++) {
         if (!bytes[i]) continue;
         unsigned char *again = xmalloc(bytes[i]);
         be->download(be, again, outs[i], bytes[i]);
@@ -325,12 +369,12 @@ static void run_case(Backend *be, const Case *c) {
       if (!same) failures++;
     }
   }
-  void *bufs[] = {dq_in, dk_in, dv_in, ddo, o, lse, gq, gkv, gv};
+  void *bufs[] = {dq_in, dk_in, dv_in, ddo, o, lse, gq, gkv, gv, sk, gs};
   for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++)
     if (bufs[i]) be->free(be, bufs[i]);
-  free(hq), free(hk), free(hv), free(hdo), free(ro), free(rl), free(rdq), free(rdk);
+  free(hq), free(hk), free(hv), free(hdo), free(ro), free(rl), free(rdq), free(rdk), free(rds);
   if (!c->packed) free(rdv);
-  free(fo), free(fl), free(fq), free(fk), free(fv);
+  free(fo), free(fl), free(fq), free(fk), free(fv), free(fs), free(hs);
 }
 
 static int cmp_float(const void *a, const void *b) {
@@ -355,8 +399,8 @@ static float time_op(Backend *be, int bwd, void **a, const AttnShape *s) {
   for (int it = -3; it < 20; it++) {
     be->sync(be);
     CU(cudaEventRecord(e0, 0));
-    if (bwd) be->attn_bwd(be, a[5], a[6], a[7], a[8], a[0], a[1], a[2], a[3], a[4], s);
-    else be->attn_fwd(be, a[3], a[4], a[0], a[1], a[2], s);
+    if (bwd) be->attn_bwd(be, a[5], a[6], a[7], NULL, a[8], a[0], a[1], a[2], a[3], a[4], NULL, s);
+    else be->attn_fwd(be, a[3], a[4], a[0], a[1], a[2], NULL, s);
     be->sync(be);
     CU(cudaEventRecord(e1, 0));
     CU(cudaEventSynchronize(e1));
@@ -384,7 +428,7 @@ static void bench(Backend *be, const char *name, int B, int T, int H, int dqk, i
     be->put(be, a[i], kind, h, n[i]);
   }
   free(h);
-  be->attn_fwd(be, a[3], a[4], a[0], a[1], a[2], &s); /* real o and lse for the backward */
+  be->attn_fwd(be, a[3], a[4], a[0], a[1], a[2], NULL, &s); /* real o and lse for the backward */
   float fwd = time_op(be, 0, a, &s), bwd = time_op(be, 1, a, &s);
   double flop_fwd = 2.0 * B * H * (double)T * T * (dqk + dv) / 2;
   printf("{\"bench\":\"attn\",\"shape\":\"%s B=%d H=%d T=%d dqk=%d dv=%d causal\","
@@ -410,26 +454,33 @@ int main(int argc, char **argv) {
     return 0;
   }
   static const Case cases[] = {
-      {"mha d64", 2, 256, 4, 4, 64, 64, 0, 0, 0},
-      {"gqa d128", 2, 256, 8, 2, 128, 128, 0, 0, 0},
-      {"mla 192/128 packed", 2, 256, 4, 4, 192, 128, 0, 1, 0},
-      {"mha d64 window64", 2, 256, 4, 4, 64, 64, 64, 0, 0},
-      {"gqa d128 window50 T200", 2, 200, 8, 2, 128, 128, 50, 0, 0},
-      {"mla packed T200", 2, 200, 4, 4, 192, 128, 0, 1, 0},
-      {"mla packed window64 T200", 1, 200, 2, 2, 192, 128, 64, 1, 0},
+      {"mha d64", 2, 256, 4, 4, 64, 64, 0, 0, 0, 0},
+      {"gqa d128", 2, 256, 8, 2, 128, 128, 0, 0, 0, 0},
+      {"mla 192/128 packed", 2, 256, 4, 4, 192, 128, 0, 1, 0, 0},
+      {"mha d64 window64", 2, 256, 4, 4, 64, 64, 64, 0, 0, 0},
+      {"gqa d128 window50 T200", 2, 200, 8, 2, 128, 128, 50, 0, 0, 0},
+      {"mla packed T200", 2, 200, 4, 4, 192, 128, 0, 1, 0, 0},
+      {"mla packed window64 T200", 1, 200, 2, 2, 192, 128, 64, 1, 0, 0},
       /* padded tensor-core tiles */
-      {"mla 24/16 packed", 8, 64, 4, 4, 24, 16, 0, 1, 0},
-      {"mha d32", 2, 256, 4, 4, 32, 32, 0, 0, 0},
-      {"gqa d16 T200", 2, 200, 8, 2, 16, 16, 0, 0, 0},
-      {"24/16 packed window20 T130", 2, 130, 4, 4, 24, 16, 20, 1, 0},
-      {"gqa 200/136 T150", 1, 150, 4, 2, 200, 136, 0, 0, 0},
-      {"d256 window100 T160", 1, 160, 2, 2, 256, 256, 100, 0, 0},
+      {"mla 24/16 packed", 8, 64, 4, 4, 24, 16, 0, 1, 0, 0},
+      {"mha d32", 2, 256, 4, 4, 32, 32, 0, 0, 0, 0},
+      {"gqa d16 T200", 2, 200, 8, 2, 16, 16, 0, 0, 0, 0},
+      {"24/16 packed window20 T130", 2, 130, 4, 4, 24, 16, 20, 1, 0, 0},
+      {"gqa 200/136 T150", 1, 150, 4, 2, 200, 136, 0, 0, 0, 0},
+      {"d256 window100 T160", 1, 160, 2, 2, 256, 256, 100, 0, 0, 0},
       /* scalar fallback */
-      {"12/8 gqa packed T100", 2, 100, 4, 2, 12, 8, 0, 1, 0},
-      {"12/8 window16 T100", 2, 100, 4, 4, 12, 8, 16, 0, 0},
-      {"272/40 gqa T64", 1, 64, 2, 1, 272, 40, 0, 0, 0},
-      {"d64 unaligned T96", 1, 96, 2, 2, 64, 64, 0, 1, 1},
-      {"24/16 unaligned window8 T70", 2, 70, 4, 2, 24, 16, 8, 1, 1},
+      {"12/8 gqa packed T100", 2, 100, 4, 2, 12, 8, 0, 1, 0, 0},
+      {"12/8 window16 T100", 2, 100, 4, 4, 12, 8, 16, 0, 0, 0},
+      {"272/40 gqa T64", 1, 64, 2, 1, 272, 40, 0, 0, 0, 0},
+      {"d64 unaligned T96", 1, 96, 2, 2, 64, 64, 0, 1, 1, 0},
+      {"24/16 unaligned window8 T70", 2, 70, 4, 2, 24, 16, 8, 1, 1, 0},
+      /* sinks (the swa block): tuned, padded and fallback paths, GQA, windows */
+      {"gqa d64 window64 sinks", 2, 256, 8, 2, 64, 64, 64, 0, 0, 1},
+      {"gqa d128 window50 T200 sinks", 2, 200, 8, 2, 128, 128, 50, 0, 0, 1},
+      {"mha d32 T200 sinks", 2, 200, 4, 4, 32, 32, 0, 0, 0, 1},
+      {"gqa d16 packed window20 T130 sinks", 2, 130, 4, 2, 16, 16, 20, 1, 0, 1},
+      {"12/8 window16 T100 sinks", 2, 100, 4, 4, 12, 8, 16, 0, 0, 1},
+      {"d64 unaligned window8 T96 sinks", 1, 96, 4, 2, 64, 64, 8, 1, 1, 1},
   };
   for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) run_case(be, &cases[i]);
   be->destroy(be);

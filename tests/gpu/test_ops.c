@@ -129,6 +129,35 @@ static void test_add_sumsq(GCtx *g) {
   gc_clear(g);
 }
 
+/* ---- Linear bias ---- */
+
+typedef struct BiasCase { GBuf *y, *b, *db, *dy; int N, C; } BiasCase;
+
+static void op_bias_add(GCtx *g, Backend *be, int side, void *arg) {
+  BiasCase *c = arg;
+  be->bias_add(be, P(c->y), P(c->b), c->N, c->C);
+}
+
+static void op_bias_grad(GCtx *g, Backend *be, int side, void *arg) {
+  BiasCase *c = arg;
+  be->bias_grad(be, P(c->db), P(c->dy), c->N, c->C);
+}
+
+/* y += b on every row; db += column sums of dy (several row chunks; both
+ * accumulate onto random values). */
+static void test_bias(GCtx *g, int N, int C) {
+  BiasCase c = {gb_acc_randn(g, BUF_ACT, (size_t)N * C, 1), gb_randn(g, BUF_ACT, C, 1),
+                gb_acc_randn(g, BUF_ACT, C, 4), gb_randn(g, BUF_ACT, (size_t)N * C, 1), N, C};
+  char name[64];
+  GOut o = {c.y, "y", B_OUT, NULL, NULL}; /* one bf16 rounding of an fp32 sum */
+  snprintf(name, sizeof name, "bias_add N%d C%d", N, C);
+  gc_run(g, name, op_bias_add, &c, &o, 1, -1);
+  GOut od = {c.db, "db", B_OUT, NULL, NULL}; /* fp32 column sums, one bf16 rounding */
+  snprintf(name, sizeof name, "bias_grad N%d C%d", N, C);
+  gc_run(g, name, op_bias_grad, &c, &od, 1, -1);
+  gc_clear(g);
+}
+
 /* ---- embedding ---- */
 
 typedef struct EmbedCase { GBuf *y, *tok, *table, *dtable, *dy; int N, D, V; float scale; } EmbedCase;
@@ -526,22 +555,32 @@ static void test_moe(GCtx *g) {
 
 /* q, k, v live packed in one buffer [N, ld] (q | k | v), as the model's
  * fused projection does; the gradients share that layout, so the packed dqkv
- * buffer also checks that nothing outside q/k/v regions is touched. */
-typedef struct AttnCase { GBuf *qkv, *o, *lse, *dout, *dqkv; AttnShape s; int koff, voff; } AttnCase;
+ * buffer also checks that nothing outside q/k/v regions is touched. With
+ * sinks (F32 [Hq], the swa block's), dsinks accumulates onto random values. */
+typedef struct AttnCase {
+  GBuf *qkv, *o, *lse, *dout, *dqkv, *sinks, *dsinks;
+  AttnShape s;
+  int koff, voff;
+} AttnCase;
+
+/* An optional buffer's pointer on one side (NULL when absent). */
+static void *opt_ptr(GBuf *b, int side) { return b ? b->p[side] : NULL; }
 
 static void op_attn_fwd(GCtx *g, Backend *be, int side, void *arg) {
   AttnCase *c = arg;
-  be->attn_fwd(be, P(c->o), P(c->lse), P(c->qkv), PA(c->qkv, c->koff), PA(c->qkv, c->voff), &c->s);
+  be->attn_fwd(be, P(c->o), P(c->lse), P(c->qkv), PA(c->qkv, c->koff), PA(c->qkv, c->voff),
+               opt_ptr(c->sinks, side), &c->s);
 }
 
 static void op_attn_bwd(GCtx *g, Backend *be, int side, void *arg) {
   AttnCase *c = arg;
-  be->attn_bwd(be, P(c->dqkv), PA(c->dqkv, c->koff), PA(c->dqkv, c->voff), P(c->dout), P(c->qkv),
-               PA(c->qkv, c->koff), PA(c->qkv, c->voff), P(c->o), P(c->lse), &c->s);
+  be->attn_bwd(be, P(c->dqkv), PA(c->dqkv, c->koff), PA(c->dqkv, c->voff),
+               opt_ptr(c->dsinks, side), P(c->dout), P(c->qkv), PA(c->qkv, c->koff),
+               PA(c->qkv, c->voff), P(c->o), P(c->lse), opt_ptr(c->sinks, side), &c->s);
 }
 
 static void test_attn(GCtx *g, const char *label, int B, int T, int Hq, int Hkv, int dqk, int dv,
-                      int window) {
+                      int window, int sinks) {
   int N = B * T, ld = Hq * dqk + Hkv * dqk + Hkv * dv + 8; /* 8 spare columns */
   AttnCase c = {0};
   c.s = (AttnShape){B, T, Hq, Hkv, dqk, dv, ld, ld, ld, window, 1.0f / sqrtf((float)dqk)};
@@ -550,6 +589,7 @@ static void test_attn(GCtx *g, const char *label, int B, int T, int Hq, int Hkv,
   c.qkv = gb_randn(g, BUF_ACT, (size_t)N * ld, 1);
   c.o = gb_out(g, BUF_ACT, (size_t)N * Hq * dv);
   c.lse = gb_out(g, BUF_F32, (size_t)B * Hq * T);
+  if (sinks) c.sinks = gb_randn(g, BUF_F32, Hq, 2); /* logits of the scores' size */
   char name[96];
   snprintf(name, sizeof name, "attn_fwd %s", label);
   /* o: bf16 P times V after an fp32 softmax; lse: fp32 */
@@ -564,10 +604,12 @@ static void test_attn(GCtx *g, const char *label, int B, int T, int Hq, int Hkv,
   free(lh);
   c.dout = gb_randn(g, BUF_ACT, (size_t)N * Hq * dv, 1);
   c.dqkv = gb_acc_randn(g, BUF_ACT, (size_t)N * ld, 1);
+  if (sinks) c.dsinks = gb_acc_randn(g, BUF_F32, Hq, 1);
   snprintf(name, sizeof name, "attn_bwd %s", label);
-  /* bf16 P and dS feed the gradient products */
-  GOut ob = {c.dqkv, "dqkv", B_MID, NULL, NULL};
-  gc_run(g, name, op_attn_bwd, &c, &ob, 1, -1);
+  /* bf16 P and dS feed the gradient products; dsinks is fp32 math (exp of
+   * fp32 lse, fp32 dot products of bf16 dO and O) */
+  GOut ob[2] = {{c.dqkv, "dqkv", B_MID, NULL, NULL}, {c.dsinks, "dsinks", B_F32, NULL, NULL}};
+  gc_run(g, name, op_attn_bwd, &c, ob, sinks ? 2 : 1, -1);
   gc_clear(g);
 }
 
@@ -591,6 +633,8 @@ int main(int argc, char **argv) {
   test_gemm(&g, 37, 24, 40, 0, 0, 1, 0);
   test_grouped_all(&g);
   test_add_sumsq(&g);
+  test_bias(&g, 300, 136);
+  test_bias(&g, 1000, 37);
   test_embed(&g, 136);
   test_embed(&g, 100);
   test_swiglu(&g, 96);
@@ -606,10 +650,12 @@ int main(int argc, char **argv) {
   test_mla_split(&g);
   test_router(&g);
   test_moe(&g);
-  test_attn(&g, "MHA d64", 2, 128, 4, 4, 64, 64, 0);
-  test_attn(&g, "GQA d128 T96", 2, 96, 8, 2, 128, 128, 0);
-  test_attn(&g, "MLA 192/128", 1, 128, 4, 4, 192, 128, 0);
-  test_attn(&g, "window32 d64", 2, 128, 4, 2, 64, 64, 32);
+  test_attn(&g, "MHA d64", 2, 128, 4, 4, 64, 64, 0, 0);
+  test_attn(&g, "GQA d128 T96", 2, 96, 8, 2, 128, 128, 0, 0);
+  test_attn(&g, "MLA 192/128", 1, 128, 4, 4, 192, 128, 0, 0);
+  test_attn(&g, "window32 d64", 2, 128, 4, 2, 64, 64, 32, 0);
+  test_attn(&g, "swa sinks window32 GQA d64", 2, 128, 4, 2, 64, 64, 32, 1);
+  test_attn(&g, "swa sinks window16 GQA d16 T96", 2, 96, 8, 2, 16, 16, 16, 1);
 
   printf("%d passed, %d failed\n", g.passed, g.failed);
   g.be[SIDE_GPU]->destroy(g.be[SIDE_GPU]);
