@@ -88,7 +88,7 @@ setup:
 
 # The whole CPU suite: unit binaries then end-to-end shell tests; one summary line.
 test: setup
-	@$(MAKE) --no-print-directory all $(TEST_BIN)
+	@$(MAKE) --no-print-directory all $(TEST_BIN) $(BUILD)/gpu/model_dump
 	@bash tests/run_all.sh $(TEST_BIN)
 
 run: setup all

@@ -104,22 +104,41 @@ class Dims:
         self.F = c["inter_dim"]
         self.E, self.K, self.Fm = c["n_routed_experts"], c["n_activated_experts"], c["moe_inter_dim"]
         self.Fs = c["n_shared_experts"] * self.Fm
+        # local (SWA) layers: GQA over swa_kv_heads (0 = n_heads), head size v_head_dim
+        self.swa_Hkv = c["swa_kv_heads"] if c["swa_kv_heads"] > 0 else self.H
+        self.swa_hd = c["v_head_dim"]
+        every = c["attn_global_every"]
+        self.glob = [every <= 1 or (l + 1) % every == 0 or l == self.L - 1 for l in range(self.L)]
+        self.window = c["attn_local_window"]
 
-    def active_matmul_params(self):
-        """As model_active_matmul_params(): incl. lm_head, excl. embedding."""
+    def attn_params(self, l):
+        """Matmul weights of layer l's attention (as attn_matmul_params())."""
+        if not self.glob[l]:
+            return (self.H + 2 * self.swa_Hkv) * self.swa_hd * self.D + self.D * self.H * self.swa_hd
         if self.mla:
             q = (self.qr * self.D + self.H * self.dqk * self.qr) if self.qr > 0 else self.H * self.dqk * self.D
             attn = q + (self.kvr + self.dr) * self.D + self.H * (self.dn + self.dvh) * self.kvr
         else:
             attn = (self.H + 2 * self.Hkv) * self.hd * self.D
-        attn += self.D * self.H * self.dv
+        return attn + self.D * self.H * self.dv
+
+    def active_matmul_params(self):
+        """As model_active_matmul_params(): incl. lm_head, excl. embedding."""
         moe = self.E * self.D + 3 * self.D * self.Fm * self.K + 3 * self.D * self.Fs
-        return (self.L * attn + self.n_dense * 3 * self.D * self.F + (self.L - self.n_dense) * moe
-                + self.V * self.D)
+        return (sum(self.attn_params(l) for l in range(self.L)) + self.n_dense * 3 * self.D * self.F
+                + (self.L - self.n_dense) * moe + self.V * self.D)
 
     def flops_per_token(self, T):
-        """As model_flops_per_token(): 6 x active + causal attention fwd+bwd."""
-        return 6.0 * self.active_matmul_params() + 6.0 * self.L * self.H * (self.dqk + self.dv) / 2.0 * T
+        """As model_flops_per_token(): 6 x active + attention fwd+bwd over the keys
+        each query sees (T/2 causal; a window w sees w - w^2/2T on average)."""
+        attn = 0.0
+        for l in range(self.L):
+            if self.glob[l]:
+                attn += 6.0 * self.H * (self.dqk + self.dv) * (T / 2.0)
+            else:
+                w = float(self.window)
+                attn += 6.0 * self.H * 2 * self.swa_hd * (w - w * w / (2.0 * T) if w < T else T / 2.0)
+        return 6.0 * self.active_matmul_params() + attn
 
 
 def rope_tables(c, rope_dim, T):
@@ -164,6 +183,18 @@ class Lin(nn.Module):
         return F.linear(x, self.weight)
 
 
+class LinB(nn.Module):
+    """Linear with bias (SWA's qkv and output projections)."""
+
+    def __init__(self, n_in, n_out):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_out, n_in))
+        self.bias = nn.Parameter(torch.zeros(n_out))
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+
 class Norm(nn.Module):
     """RMSNorm: y = x / sqrt(mean(x^2) + eps) * w."""
 
@@ -194,11 +225,14 @@ def rope(x, cos, sin):
     return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], -1)
 
 
-def attention(q, k, v, window, scale, use_sdpa):
+def attention(q, k, v, window, scale, use_sdpa, sinks=None):
     """Causal (and, with window > 0, sliding-window: key j visible to query i
-    iff i - window < j <= i) softmax attention. q, k [B, T, H, dqk], v [B, T, H, dv]."""
+    iff i - window < j <= i) softmax attention. q, k [B, T, H, dqk], v [B, T, H, dv].
+    sinks [H]: a per-head logit in every row's softmax with a zero value."""
     B, T, H, dv = v.shape
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if sinks is not None:
+        use_sdpa = False
     keep = None
     if window > 0 or not use_sdpa:
         i = torch.arange(T, device=q.device)
@@ -213,7 +247,12 @@ def attention(q, k, v, window, scale, use_sdpa):
     else:
         s = torch.matmul(q, k.transpose(-1, -2)) * scale
         s = s.masked_fill(~keep, float("-inf"))
-        o = torch.matmul(torch.softmax(wide(s), -1).to(v.dtype), v)
+        if sinks is None:
+            p = torch.softmax(wide(s), -1)
+        else:
+            sk = sinks.to(wide(s).dtype).view(1, H, 1, 1).expand(B, H, T, 1)
+            p = torch.softmax(torch.cat([wide(s), sk], -1), -1)[..., :T]
+        o = torch.matmul(p.to(v.dtype), v)
     return o.transpose(1, 2).reshape(B, T, H * dv)
 
 
@@ -265,6 +304,36 @@ class Attention(nn.Module):
                 k = k.repeat_interleave(d.H // d.Hkv, dim=2)
                 v = v.repeat_interleave(d.H // d.Hkv, dim=2)
         return self.wo(attention(q, k, v, self.window, self.scale, self.use_sdpa))
+
+
+class SwaAttention(nn.Module):
+    """Local layers: fused qkv with bias, rope on the last qk_rope_head_dim dims
+    of each head, GQA over swa_kv_heads, sliding window with per-head sinks,
+    output projection with bias (parameter names as ours)."""
+
+    def __init__(self, d, window, use_sdpa):
+        super().__init__()
+        self.d, self.window, self.use_sdpa = d, window, use_sdpa
+        self.scale = 1.0 / math.sqrt(d.swa_hd)
+        self.wqkv = LinB(d.D, (d.H + 2 * d.swa_Hkv) * d.swa_hd)
+        self.sinks = nn.Parameter(torch.zeros(d.H))
+        self.wo = LinB(d.H * d.swa_hd, d.D)
+
+    def forward(self, x, cos, sin):
+        d = self.d
+        B, T, _ = x.shape
+        hd, Hkv, rd = d.swa_hd, d.swa_Hkv, d.rope_dim
+        qkv = self.wqkv(x)
+        q = qkv[..., :d.H * hd].reshape(B, T, d.H, hd)
+        k = qkv[..., d.H * hd:(d.H + Hkv) * hd].reshape(B, T, Hkv, hd)
+        v = qkv[..., (d.H + Hkv) * hd:].reshape(B, T, Hkv, hd)
+        if rd > 0:
+            q = torch.cat([q[..., :hd - rd], rope(q[..., hd - rd:], cos, sin)], -1)
+            k = torch.cat([k[..., :hd - rd], rope(k[..., hd - rd:], cos, sin)], -1)
+        if Hkv != d.H:
+            k = k.repeat_interleave(d.H // Hkv, dim=2)
+            v = v.repeat_interleave(d.H // Hkv, dim=2)
+        return self.wo(attention(q, k, v, self.window, self.scale, self.use_sdpa, self.sinks))
 
 
 class Dense(nn.Module):
@@ -370,10 +439,11 @@ class Block(nn.Module):
     def __init__(self, d, c, layer, use_sdpa, moe_impl, exact_topk):
         super().__init__()
         eps = c["rms_norm_eps"]
-        every = c["attn_global_every"]
-        glob = every <= 1 or (layer + 1) % every == 0 or layer == d.L - 1
         self.attn_norm = Norm(d.D, eps)
-        self.attn = Attention(d, eps, 0 if glob else c["attn_local_window"], use_sdpa)
+        if d.glob[layer]:
+            self.attn = Attention(d, eps, 0, use_sdpa)
+        else:
+            self.attn = SwaAttention(d, c["attn_local_window"], use_sdpa)
         self.ffn_norm = Norm(d.D, eps)
         self.is_moe = layer >= d.n_dense
         self.ffn = MoE(d, c, moe_impl, exact_topk) if self.is_moe else Dense(d.D, d.F)
