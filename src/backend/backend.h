@@ -64,6 +64,11 @@ typedef struct AdamParams {
  *           are left unchanged) */
 enum { GG_FWD = 0, GG_DX = 1, GG_DW = 2 };
 
+/* Block-scaled formats of quantize_blocks (the routed-expert dtype; QFMT_BF16
+ * means no quantization and is not a valid op argument). Exact definitions
+ * (E8M0 scale rule, rounding, saturation, NaN) in backend/cpu/quant.h. */
+enum { QFMT_BF16 = 0, QFMT_FP8_E4M3 = 1, QFMT_FP4_E2M1 = 2 };
+
 typedef struct Backend Backend;
 struct Backend {
   const char *name;  /* "cpu" or "cuda" */
@@ -164,6 +169,16 @@ struct Backend {
   void (*swiglu_fwd)(Backend *be, void *h, const void *gu, int M, int F);
   /* dgu [M, 2F] written from dh [M, F]. */
   void (*swiglu_bwd)(Backend *be, void *dgu, const void *dh, const void *gu, int M, int F);
+
+  /* ---- block-scaled quantization (fp8 / nvfp4 expert numerics) ---- */
+  /* Fake quantization: q = x rounded through the block-scaled format fmt and
+   * decoded back to ACT (q may alias x). x is viewed as [outer, K, inner]; each
+   * block is 32 consecutive k of one (outer, inner) column, one E8M0 scale per
+   * block. inner = 1: rows of K (activations [rows, K]); inner = N: down the
+   * columns of [K, N] matrices (weights [E, K, N], blocks along K). K % 32 == 0.
+   * Every decoded value is exact in bf16, so all backends agree bit for bit. */
+  void (*quantize_blocks)(Backend *be, void *q, const void *x, int outer, int K, int inner,
+                          int fmt);
 
   /* ---- router ---- */
   /* logits = route_scale * (x @ wg^T) in fp32, scores = sigmoid(logits) (F32 [N,E]);

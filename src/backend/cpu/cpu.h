@@ -13,7 +13,8 @@
  * Files: cpu_backend.c (table, memory, timing), cpu_math.c (gemm, grouped gemm,
  * add, bias, sumsq), cpu_layers.c (embedding, RMSNorm, RoPE, SwiGLU, MLA kv split),
  * cpu_attn.c, cpu_moe.c (router, permutation), cpu_loss.c (xent),
- * cpu_optim.c (AdamW). */
+ * cpu_optim.c (AdamW), cpu_quant.c (block-scaled fp8/fp4 fake quantization,
+ * codec in quant.h). */
 #ifndef NMOE_CPU_H
 #define NMOE_CPU_H
 
@@ -63,6 +64,7 @@ void cpu_mla_kv_split_bwd(Backend *be, void *dkv, void *dkr, int ldkr, const voi
                           const void *dv, int N, int H, int dn, int dr, int dv_dim);
 void cpu_swiglu_fwd(Backend *be, void *h, const void *gu, int M, int F);
 void cpu_swiglu_bwd(Backend *be, void *dgu, const void *dh, const void *gu, int M, int F);
+void cpu_quantize_blocks(Backend *be, void *q, const void *x, int outer, int K, int inner, int fmt);
 
 void cpu_attn_fwd(Backend *be, void *o, void *lse, const void *q, const void *k, const void *v,
                   const void *sinks, const AttnShape *s);

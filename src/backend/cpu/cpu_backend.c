@@ -136,6 +136,7 @@ Backend *backend_cpu(void) {
   be->mla_kv_split_bwd = cpu_mla_kv_split_bwd;
   be->swiglu_fwd = cpu_swiglu_fwd;
   be->swiglu_bwd = cpu_swiglu_bwd;
+  be->quantize_blocks = cpu_quantize_blocks;
   be->router_fwd = cpu_router_fwd;
   be->router_bwd = cpu_router_bwd;
   be->moe_sort = cpu_moe_sort;
