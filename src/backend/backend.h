@@ -154,6 +154,18 @@ struct Backend {
   void (*attn_bwd)(Backend *be, void *dq, void *dk, void *dv, void *dsinks, const void *dout,
                    const void *q, const void *k, const void *v, const void *o, const void *lse,
                    const void *sinks, const AttnShape *s);
+  /* Attention over an explicit key list (DSA's sparse mode): as attn_fwd
+   * without the causal/window rule, query row n = b*T + i seeing exactly the
+   * keys sel[n*K + c] (positions j <= i in its sequence, c < K, ascending, -1 =
+   * unused slot; every row lists at least one key). window is ignored. With
+   * sel listing every causal key, results equal attn_fwd's bit for bit.
+   * Optional (NULL on backends without it; the model refuses attn = dsa there). */
+  void (*attn_sel_fwd)(Backend *be, void *o, void *lse, const void *q, const void *k,
+                       const void *v, const int32_t *sel, int K, const AttnShape *s);
+  /* Backward of attn_sel_fwd, as attn_bwd (no sinks). Optional. */
+  void (*attn_sel_bwd)(Backend *be, void *dq, void *dk, void *dv, const void *dout, const void *q,
+                       const void *k, const void *v, const void *o, const void *lse,
+                       const int32_t *sel, int K, const AttnShape *s);
   /* MLA key/value assembly. kv [N, H*(dn+dv)] holds per head [k_nope | v];
    * kr is the shared rope key (row stride ldkr, dr columns).
    *   k [N, H, dn+dr] = [kv_nope_h | kr];  v [N, H, dv] = kv_v_h */
@@ -163,6 +175,41 @@ struct Backend {
    * sum over heads of dk[...dn:]. */
   void (*mla_kv_split_bwd)(Backend *be, void *dkv, void *dkr, int ldkr, const void *dk,
                            const void *dv, int N, int H, int dn, int dr, int dv_dim);
+
+  /* ---- DSA lightning indexer (optional: NULL on backends without it) ---- */
+  /* Index scores, per sequence b, query t, key s <= t:
+   *   I[b, t, s] = sum_j w[n, j] * relu(q[n, j, :] . k[m, :]),  n = b*T + t, m = b*T + s
+   * q ACT [N, Hi*di] (head j at columns j*di), k ACT [N, di] (one key per
+   * token, shared by the heads), w ACT [N, Hi]; score F32 [B, T, T] holds I,
+   * entries s > t written 0 (never read by the other dsa ops). */
+  void (*dsa_index_fwd)(Backend *be, void *score, const void *q, const void *k, const void *w,
+                        int B, int T, int Hi, int di);
+  /* Its backward from dscore = dI F32 [B, T, T] (entries s > t ignored);
+   * relu'(0) = 0:
+   *   dw[n, j] = sum_s dI[t, s] relu(q_j . k_s)
+   *   dq[n, j] = w[n, j] sum_s dI[t, s] [q_j . k_s > 0] k_s
+   *   dk[m]    = sum_{t >= s} sum_j dI[t, s] w[t, j] [q_j . k_s > 0] q_j
+   * dq [N, Hi*di], dk [N, di], dw [N, Hi] ACT, written (not accumulated). */
+  void (*dsa_index_bwd)(Backend *be, void *dq, void *dk, void *dw, const void *dscore,
+                        const void *q, const void *k, const void *w, int B, int T, int Hi, int di);
+  /* Top-k keys of each query: sel I32 [N, K] = the K keys s <= t with the
+   * largest score I[b, t, s] (ties to the earlier key), listed in ascending s; a
+   * query with t + 1 <= K lists all its keys 0..t and pads with -1. */
+  void (*dsa_topk)(Backend *be, int32_t *sel, const void *score, int B, int T, int K);
+  /* The main attention's distribution over keys, averaged over heads (the
+   * indexer's target): p[b, t, s] = (1/Hq) sum_h exp(scale q_h(t).k_g(s) - lse[b,h,t])
+   * over the keys the attention saw (sel [N, K] as attn_sel_fwd, or NULL: all
+   * s <= t), 0 elsewhere. q, k, lse and s as given to attn_fwd / attn_sel_fwd
+   * (no window, no sinks); p F32 [B, T, T]. */
+  void (*dsa_attn_dist)(Backend *be, void *p, const void *q, const void *k, const void *lse,
+                        const int32_t *sel, int K, const AttnShape *s);
+  /* Indexer loss: per query row, over its candidate set C (the keys in sel,
+   * or all s <= t when sel is NULL), with r = softmax over C of score I[b, t, :]:
+   *   KL_t = sum_{s in C} p_s (log p_s - log r_s)   (0 log 0 = 0; p sums to 1 on C)
+   * Returns sum_t KL_t over all B*T rows (double). dscore F32 [B, T, T] =
+   * grad_scale * (r - p) on C, 0 elsewhere (dscore may alias score). */
+  double (*dsa_kl)(Backend *be, void *dscore, const void *score, const void *p,
+                   const int32_t *sel, int K, int B, int T, float grad_scale);
 
   /* ---- SwiGLU ---- */
   /* gu [M, 2F] holds [gate | up] per row; h [M, F] = silu(gate) * up. */

@@ -308,7 +308,8 @@ int config_validate(const Config *c, char *err, size_t errlen) {
       "vocab_size", "eos_token_id", "dim", "n_layers", "n_heads", "inter_dim", "moe_inter_dim",
       "n_routed_experts", "n_activated_experts", "n_shared_experts", "n_dense_layers", "attn_global_every",
       "attn_local_window", "swa_kv_heads", "n_kv_heads", "head_dim", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim",
-      "qk_rope_head_dim", "v_head_dim", "max_position_embeddings", "batch_size", "seq_len",
+      "qk_rope_head_dim", "v_head_dim", "dsa_idx_heads", "dsa_idx_dim", "dsa_top_k",
+      "max_position_embeddings", "batch_size", "seq_len",
       "checkpoint_keep_last_n", NULL};
   for (int i = 0; i < NFIELDS; i++)
     if (FIELDS[i].kind == K_INT && is_one_of(FIELDS[i].name, narrow) && *F_INT(c, &FIELDS[i]) > INT_MAX)
@@ -344,9 +345,26 @@ int config_validate(const Config *c, char *err, size_t errlen) {
     BAD("eos_token_id must be in [0, vocab_size=%lld) (got %lld)", (long long)c->vocab_size, (long long)c->eos_token_id);
 
   /* attention */
-  static const char *const later_attn[] = {"dsa", "nsa", "kda", "swa", NULL};
-  if (is_one_of(c->attn, later_attn)) BAD("attn='%s' as global attention is not supported yet (use mla or mha)", c->attn);
-  if (strcmp(c->attn, "mla") && strcmp(c->attn, "mha")) BAD("attn must be 'mla' or 'mha' (got '%s')", c->attn);
+  static const char *const later_attn[] = {"nsa", "kda", "swa", NULL};
+  if (is_one_of(c->attn, later_attn))
+    BAD("attn='%s' as global attention is not supported yet (use mla, mha or dsa)", c->attn);
+  static const char *const attns[] = {"mla", "mha", "dsa", NULL};
+  if (!is_one_of(c->attn, attns)) BAD("attn must be 'mla', 'mha' or 'dsa' (got '%s')", c->attn);
+  if (!strcmp(c->attn, "dsa")) {
+    /* MLA plus the lightning indexer; its query reads MLA's q latent, its rope
+     * covers the last qk_rope_head_dim of its idx_dim dims. The backend check
+     * (CPU only for now) is in model_create. */
+    NEED_INT(dsa_idx_heads, > 0, "> 0");
+    NEED_INT(dsa_top_k, > 0, "> 0");
+    if (c->dsa_idx_dim <= 0 || c->dsa_idx_dim < c->qk_rope_head_dim)
+      BAD("dsa_idx_dim must be >= qk_rope_head_dim (%lld): rope covers its last dims (got %lld)",
+          (long long)c->qk_rope_head_dim, (long long)c->dsa_idx_dim);
+    if (c->q_lora_rank <= 0)
+      BAD("attn = dsa needs q_lora_rank > 0 (the indexer's query reads the q latent)");
+    static const char *const modes[] = {"sparse", "dense_warmup", NULL};
+    if (!is_one_of(c->dsa_training_mode, modes))
+      BAD("dsa_training_mode must be sparse or dense_warmup (got '%s')", c->dsa_training_mode);
+  }
   if (!strcmp(c->attn, "mha")) {
     NEED_INT(n_kv_heads, >= 0, ">= 0");
     NEED_INT(head_dim, >= 0, ">= 0");

@@ -30,7 +30,7 @@ X(INT,   n_dense_layers,          1,               CF_FP,      "first layers tha
 X(FLOAT, embed_scale,             1.0,             CF_FP|CF_OURS, "embedding output multiplier")
 X(FLOAT, logits_scale,            1.0,             CF_FP|CF_OURS, "lm_head output multiplier")
 /* ---- attention ---- */
-X(STR,   attn,                    "mla",           CF_FP,      "mla | mha (mha covers GQA via n_kv_heads)")
+X(STR,   attn,                    "mla",           CF_FP,      "mla | mha | dsa (mha covers GQA via n_kv_heads; dsa = mla + lightning indexer, CPU only)")
 X(STR,   attn_local,              "swa",           CF_FP,      "attention of local layers (used when attn_global_every > 1)")
 X(INT,   attn_global_every,       1,               CF_FP,      "every Nth layer (and the last) is global")
 X(INT,   attn_local_window,       128,             CF_FP,      "sliding window of local layers")
@@ -42,6 +42,10 @@ X(INT,   kv_lora_rank,            512,             CF_FP,      "mla: key/value l
 X(INT,   qk_nope_head_dim,        128,             CF_FP,      "mla: non-rotary query/key dims per head")
 X(INT,   qk_rope_head_dim,        64,              CF_FP,      "rotary dims per head (mla: shared rope key)")
 X(INT,   v_head_dim,              128,             CF_FP,      "mla: value dims per head")
+X(INT,   dsa_idx_heads,           4,               CF_FP,      "dsa: lightning indexer heads (attn_dsa.n_idx_heads)")
+X(INT,   dsa_idx_dim,             64,              CF_FP,      "dsa: indexer query/key dims per head (attn_dsa.idx_dim)")
+X(INT,   dsa_top_k,               2048,            CF_FP,      "dsa: keys each query attends to in sparse mode (attn_dsa.top_k)")
+X(STR,   dsa_training_mode,       "sparse",        0,          "dsa: sparse (attention over the top-k keys) | dense_warmup (dense attention, indexer trained on the full causal set)")
 /* ---- rope ---- */
 X(INT,   max_position_embeddings, 8192,            CF_FP,      "rope table covers 2x this")
 X(FLOAT, rope_theta,              50000.0,         CF_FP,      "rope base")

@@ -17,7 +17,14 @@ ModelDims model_dims(const Config *c) {
   d.D = (int)c->dim;
   d.L = (int)c->n_layers;
   d.n_dense = (int)c->n_dense_layers;
-  d.mla = !strcmp(c->attn, "mla");
+  d.dsa = !strcmp(c->attn, "dsa");
+  d.mla = d.dsa || !strcmp(c->attn, "mla");
+  if (d.dsa) {
+    d.dsa_sparse = strcmp(c->dsa_training_mode, "dense_warmup") != 0;
+    d.Hi = (int)c->dsa_idx_heads;
+    d.di = (int)c->dsa_idx_dim;
+    d.top_k = (int)c->dsa_top_k;
+  }
   d.H = (int)c->n_heads;
   if (d.mla) {
     d.Hkv = d.H;
@@ -94,6 +101,16 @@ static void build_table(Model *m) {
       lp->kv_norm = add_w(t, l, "attn.kv_norm.weight", d->kvr, 0, OWN_DENSE, GROUP_NO_DECAY, INIT_ONES, 0);
       lp->wkv_b = add_w(t, l, "attn.wkv_b.weight", (int64_t)d->H * (d->dn + d->dvh), d->kvr,
                         OWN_DENSE, GROUP_DECAY, INIT_TRUNC_NORMAL, in_std);
+      if (d->dsa) { /* the lightning indexer, named as DeepSeek-V3.2's */
+        lp->idx_wq = add_w(t, l, "attn.indexer.wq_b.weight", (int64_t)d->Hi * d->di, d->qr,
+                           OWN_DENSE, GROUP_DECAY, INIT_TRUNC_NORMAL, in_std);
+        lp->idx_wk = add_w(t, l, "attn.indexer.wk.weight", d->di, d->D, OWN_DENSE, GROUP_DECAY,
+                           INIT_TRUNC_NORMAL, in_std);
+        lp->idx_k_norm = add_w(t, l, "attn.indexer.k_norm.weight", d->di, 0, OWN_DENSE,
+                               GROUP_NO_DECAY, INIT_ONES, 0);
+        lp->idx_w = add_w(t, l, "attn.indexer.weights_proj.weight", d->Hi, d->D, OWN_DENSE,
+                          GROUP_DECAY, INIT_TRUNC_NORMAL, in_std);
+      }
     } else {
       /* wq, wk, wv adjacent: one [(H + 2 Hkv) * hd, D] projection. */
       lp->wq = add_w(t, l, "attn.wq.weight", (int64_t)d->H * d->hd, d->D, OWN_DENSE, GROUP_DECAY,
@@ -208,6 +225,14 @@ Model *model_create(const Config *cfg, Backend *be, Comm *comm) {
     nmoe_fatal("mha attention needs n_heads divisible by n_kv_heads, head_dim > 0 and an even "
                "qk_rope_head_dim (n_heads=%d n_kv_heads=%d head_dim=%d)", d->H, d->Hkv, d->hd);
   if (d->mla && d->dr % 2) nmoe_fatal("qk_rope_head_dim must be even (got %d)", d->dr);
+  if (d->dsa) {
+    if (d->Hi <= 0 || d->di < d->dr || d->top_k <= 0 || d->qr <= 0)
+      nmoe_fatal("dsa needs dsa_idx_heads > 0, dsa_idx_dim >= qk_rope_head_dim, dsa_top_k > 0 "
+                 "and q_lora_rank > 0 (got %d, %d, %d, %d)", d->Hi, d->di, d->top_k, d->qr);
+    if (!be->attn_sel_fwd || !be->attn_sel_bwd || !be->dsa_index_fwd || !be->dsa_index_bwd ||
+        !be->dsa_topk || !be->dsa_attn_dist || !be->dsa_kl)
+      nmoe_fatal("attn = dsa runs on the CPU backend only (no CUDA kernels yet)");
+  }
   int n_local = 0;
   for (int l = 0; l < d->L; l++) n_local += !model_layer_global(cfg, l);
   if (n_local && (d->swa_Hkv <= 0 || d->H % d->swa_Hkv || d->swa_hd <= 0 ||
@@ -282,6 +307,7 @@ static int64_t attn_matmul_params(const ModelDims *d, const Config *c, int l) {
     int64_t q = d->qr > 0 ? (int64_t)d->qr * d->D + (int64_t)d->H * d->dqk * d->qr
                           : (int64_t)d->H * d->dqk * d->D;
     attn = q + (int64_t)(d->kvr + d->dr) * d->D + (int64_t)d->H * (d->dn + d->dvh) * d->kvr;
+    if (d->dsa) attn += (int64_t)d->Hi * d->di * d->qr + (int64_t)(d->di + d->Hi) * d->D;
   } else {
     attn = (int64_t)(d->H + 2 * d->Hkv) * d->hd * d->D;
   }
@@ -297,14 +323,23 @@ int64_t model_active_matmul_params(const ModelDims *d, const Config *c) {
   return attn + (int64_t)d->n_dense * dense_ffn + n_moe * moe_ffn + (int64_t)d->V * d->D;
 }
 
+/* Mean keys a causal query sees when it sees at most w: T/2 at w >= T. */
+static double mean_keys(double w, int T) {
+  return w < T ? w - w * w / (2.0 * T) : T / 2.0;
+}
+
 double model_flops_per_token(const ModelDims *d, const Config *c, int T) {
   double attn = 0;
   for (int l = 0; l < d->L; l++) {
-    if (model_layer_global(c, l)) {
+    if (model_layer_global(c, l) && d->dsa) {
+      /* indexer scores over every causal pair; attention over the top-k keys
+       * (a window of top_k keys on average) in sparse mode */
+      attn += 6.0 * d->Hi * d->di * (T / 2.0);
+      attn += 6.0 * d->H * (d->dqk + d->dv) * (d->dsa_sparse ? mean_keys(d->top_k, T) : T / 2.0);
+    } else if (model_layer_global(c, l)) {
       attn += 6.0 * d->H * (d->dqk + d->dv) * (T / 2.0); /* causal: T/2 keys per query */
     } else {
-      const double w = (double)c->attn_local_window; /* mean visible keys, T/2 at w = T */
-      attn += 6.0 * d->H * 2 * d->swa_hd * (w < T ? w - w * w / (2.0 * T) : T / 2.0);
+      attn += 6.0 * d->H * 2 * d->swa_hd * mean_keys((double)c->attn_local_window, T);
     }
   }
   return 6.0 * (double)model_active_matmul_params(d, c) + attn;

@@ -4,14 +4,16 @@
  *
  *   x0 = embed_scale * embedding[tokens]
  *   per layer l:  h = x + attn(rmsnorm(x));  x' = h + ffn(rmsnorm(h))
- *     attn: global layers MLA (q/kv low rank, shared rope key) or MHA/GQA,
- *           causal; local layers (attn_global_every > 1) the SWA block: fused
+ *     attn: global layers MLA (q/kv low rank, shared rope key), MHA/GQA, or
+ *           DSA (MLA restricted to the top-k keys a lightning indexer
+ *           picks, docs/ARCHITECTURE.md), causal; local layers (attn_global_every > 1) the SWA block: fused
  *           qkv Linear with bias, RoPE on the last rope dims, GQA, causal
  *           sliding window with learned per-head sinks, wo Linear with bias
  *     ffn:  dense SwiGLU for l < n_dense_layers, else MoE (sigmoid router,
  *           top-k on score+bias, routed SwiGLU experts + shared experts)
  *   loss = mean over non-masked targets of CE(logits_scale * lm_head(rmsnorm(x_L)))
  *          (+ aux_loss_alpha * switch-style balance loss when enabled)
+ *          (+ the DSA indexer's KL loss, which reaches only the indexer weights)
  *
  * Weight layouts (row-major): Linear weights are [out, in] like PyTorch;
  * routed experts are w13 [E, D, 2F] (columns [gate | up]) and w2 [E, F, D]. */
@@ -30,7 +32,9 @@
 /* Dimensions derived from the config. */
 typedef struct ModelDims {
   int V, D, L, n_dense;
-  int mla;                 /* 1 = MLA attention, 0 = MHA/GQA */
+  int mla;                 /* 1 = MLA attention (also under dsa), 0 = MHA/GQA */
+  int dsa, dsa_sparse;     /* dsa: indexer on global layers; sparse (1) or dense_warmup (0) */
+  int Hi, di, top_k;       /* dsa: indexer heads, dims per head, keys per query */
   int H, Hkv, hd;          /* mha: heads, kv heads, head dim */
   int qr, kvr, dn, dr, dvh; /* mla: q/kv low ranks, nope/rope/v head dims */
   int dqk, dv;             /* attention head dims (q/k and v) of global layers */
@@ -45,6 +49,8 @@ typedef struct LayerParams {
   int attn_norm, ffn_norm;
   int wq, wk, wv;                      /* mha (adjacent: one [Hq+2Hkv)*hd, D] GEMM) */
   int wq_a, q_norm, wq_b, wkv_a, kv_norm, wkv_b; /* mla (wq when q_lora_rank == 0) */
+  int idx_wq, idx_wk, idx_k_norm, idx_w; /* dsa indexer: wq_b [Hi*di, qr], wk [di, D],
+                                          k_norm [di], weights_proj [Hi, D] */
   int wqkv, wqkv_b, wo_b, sinks;       /* swa (local layers): [(H+2Hkv)*hd, D], its
                                           bias, wo's bias [D], sinks [H] */
   int wo;                              /* [D, H*dv] (swa: [D, H*swa_hd]) */
@@ -126,7 +132,12 @@ typedef struct Model {
   size_t ep_M;               /* rows (N*K) the symmetric buffers were sized for */
   ExpertRows *ep_rows;       /* [n_moe], or one shared with recompute_experts */
   GrowBuf ep_s1, ep_s2;      /* [R, 2Fm], [R, max(Fm, D)] */
+  void *dsa_score, *dsa_p;   /* F32 [B, T, T]: indexer scores (then their gradient), target */
   double last_aux_loss;
+  /* The DSA indexer loss of the last train step: over DSA layers, the sum of
+   * the mean over the global batch's tokens of KL(target || softmax(scores));
+   * in the gradients (of the indexer weights only). 0 without dsa. */
+  double last_idx_loss;
   int64_t last_n_valid;
 } Model;
 
@@ -168,7 +179,9 @@ int64_t model_param_count(const Model *m);
 int64_t model_active_matmul_params(const ModelDims *d, const Config *cfg);
 /* Training FLOPs per token: 6 * active matmul params + attention scores and
  * values 6 * H * (dqk + dv) * keys per layer (forward and backward), keys =
- * T/2 for causal global layers and the mean visible window for local ones. */
+ * T/2 for causal global layers and the mean visible window for local ones;
+ * DSA layers add 6 * Hi * di * T/2 for the indexer scores and, in sparse
+ * mode, see at most top_k keys (counted as a window of top_k). */
 double model_flops_per_token(const ModelDims *d, const Config *cfg, int T);
 
 /* Pointer to row p inside an ACT allocation (params or grads). */

@@ -19,6 +19,10 @@ struct LayerActs {
   void *q;                           /* mla: [N, H*dqk], rope applied */
   void *kv_a, *kv_rstd, *kvn;        /* mla: [N, kvr+dr] (rope cols rotated), F32 [N], [N,kvr] */
   void *kv, *k, *v;                  /* mla: [N, H*(dn+dv)], [N, H*dqk], [N, H*dv] */
+  void *idx_q, *idx_kraw, *idx_krstd, *idx_k, *idx_w; /* dsa indexer: [N, Hi*di] (rope
+                                        applied), [N, di], F32 [N], [N, di] (normed, rope),
+                                        [N, Hi] (scales folded in) */
+  void *sel;                         /* dsa sparse: I32 [N, Kd] keys per query */
   void *attn_o, *lse;                /* [N, H*dv], F32 [B,H,T] */
   void *xn2, *rstd2;                 /* ffn norm */
   void *gu, *h;                      /* dense: [N,2F], [N,F] */
@@ -123,6 +127,7 @@ static void grow_free(Model *m, GrowBuf *gb) {
 static void free_acts(Model *m) {
   for (int i = 0; i < m->n_owned; i++) m->be->free(m->be, m->owned[i]);
   m->n_owned = 0;
+  m->dsa_score = m->dsa_p = NULL;
   const int n_rows = m->cfg.recompute_experts ? 1 : m->n_moe;
   for (int i = 0; m->ep_rows && i < n_rows; i++) {
     grow_free(m, &m->ep_rows[i].x);
@@ -135,6 +140,11 @@ static void free_acts(Model *m) {
   grow_free(m, &m->ep_s2);
   free(m->acts);
   m->acts = NULL;
+}
+
+/* Keys per query of DSA's sparse attention (the selection's row width). */
+static int dsa_keys(const Model *m) {
+  return m->d.top_k < m->T ? m->d.top_k : m->T;
 }
 
 /* Allocates activations for batches of B sequences of T tokens. */
@@ -151,6 +161,7 @@ static void ensure_acts(Model *m, int B, int T) {
   wide = max_sz(wide, (size_t)d->H * (d->dn + d->dvh));
   wide = max_sz(wide, (size_t)d->kvr + d->dr);
   wide = max_sz(wide, (size_t)d->qr);
+  wide = max_sz(wide, (size_t)d->Hi * d->di);
   for (int l = 0; l < d->L; l++)
     if (m->lp[l].wqkv >= 0) wide = max_sz(wide, (size_t)(d->H + 2 * d->swa_Hkv) * d->swa_hd);
   size_t big = N * wide;
@@ -183,6 +194,18 @@ static void ensure_acts(Model *m, int B, int T) {
       a->kv = act_buf(m, &sh.kv, ra, BUF_ACT, N * d->H * (d->dn + d->dvh));
       a->k = act_buf(m, &sh.k, ra, BUF_ACT, N * d->H * d->dqk);
       a->v = act_buf(m, &sh.v, ra, BUF_ACT, N * d->H * d->dvh);
+      if (lp->idx_wq >= 0) {
+        a->idx_q = act_buf(m, &sh.idx_q, ra, BUF_ACT, N * d->Hi * d->di);
+        a->idx_kraw = act_buf(m, &sh.idx_kraw, ra, BUF_ACT, N * d->di);
+        a->idx_krstd = act_buf(m, &sh.idx_krstd, ra, BUF_F32, N);
+        a->idx_k = act_buf(m, &sh.idx_k, ra, BUF_ACT, N * d->di);
+        a->idx_w = act_buf(m, &sh.idx_w, ra, BUF_ACT, N * d->Hi);
+        if (d->dsa_sparse) a->sel = act_buf(m, &sh.sel, ra, BUF_I32, N * (size_t)dsa_keys(m));
+        if (!m->dsa_score) {
+          m->dsa_score = alloc_kind(m, BUF_F32, N * T);
+          m->dsa_p = alloc_kind(m, BUF_F32, N * T);
+        }
+      }
     } else {
       a->qkv = act_buf(m, &sh.qkv, ra, BUF_ACT, N * (d->H + 2 * d->Hkv) * d->hd);
     }
@@ -343,6 +366,70 @@ static void sinks_grad_add(Model *m, int p) {
   }
 }
 
+/* ---------------------------------------------------------------- dsa indexer */
+
+/* Scale of the indexer's per-head weights (DeepSeek-V3.2: Hi^-0.5 on the
+ * weights, di^-0.5 as the softmax scale), folded into weights_proj's GEMM. */
+static float dsa_w_scale(const ModelDims *d) {
+  return 1.0f / sqrtf((float)d->Hi * (float)d->di);
+}
+
+/* The lightning indexer of layer l from the attention input xn1 and MLA's q
+ * latent q_an (both only read: the indexer's loss never reaches them):
+ *   q_I = rope(q_an Wq_b^T)  [N, Hi, di]   k_I = rope(rmsnorm(xn1 Wk^T))  [N, di]
+ *   w = xn1 Wproj^T / sqrt(Hi di)  [N, Hi]
+ * rope on the last rope dims of each head. In sparse mode the scores pick
+ * each query's keys (a->sel). */
+static void indexer_forward(Model *m, int l) {
+  Backend *be = m->be;
+  const ModelDims *d = &m->d;
+  const LayerParams *lp = &m->lp[l];
+  LayerActs *a = &m->acts[l];
+  const int N = m->B * m->T, T = m->T, hd = d->Hi * d->di, off = d->di - d->dr;
+  be->gemm(be, a->idx_q, a->q_an, W(m, lp->idx_wq), N, hd, d->qr, 0, 1, 1, 0, 0);
+  be->rope(be, a->idx_q, m->rope_cos, m->rope_sin, N, T, d->Hi, hd, d->di, off, d->dr, 0);
+  be->gemm(be, a->idx_kraw, a->xn1, W(m, lp->idx_wk), N, d->di, d->D, 0, 1, 1, 0, 0);
+  be->rmsnorm_fwd(be, a->idx_k, a->idx_krstd, a->idx_kraw, W(m, lp->idx_k_norm), N, d->di, d->di,
+                  d->di, (float)m->cfg.rms_norm_eps);
+  be->rope(be, a->idx_k, m->rope_cos, m->rope_sin, N, T, 1, d->di, d->di, off, d->dr, 0);
+  be->gemm(be, a->idx_w, a->xn1, W(m, lp->idx_w), N, d->Hi, d->D, 0, 1, dsa_w_scale(d), 0, 0);
+  if (a->sel) {
+    phase(m, "attn_fwd.indexer");
+    be->dsa_index_fwd(be, m->dsa_score, a->idx_q, a->idx_k, a->idx_w, m->B, T, d->Hi, d->di);
+    be->dsa_topk(be, a->sel, m->dsa_score, m->B, T, dsa_keys(m));
+  }
+}
+
+/* The indexer's loss and its gradient (indexer weights only): target p = the
+ * main attention's distribution averaged over heads (over the selected keys
+ * in sparse mode), KL(p || softmax(scores)) per token, mean over the global
+ * batch's tokens. Adds the value to m->last_idx_loss. Uses g_big[0..3]. */
+static void indexer_backward(Model *m, int l) {
+  Backend *be = m->be;
+  const ModelDims *d = &m->d;
+  const LayerParams *lp = &m->lp[l];
+  LayerActs *a = &m->acts[l];
+  const int N = m->B * m->T, T = m->T, hd = d->Hi * d->di, off = d->di - d->dr;
+  const AttnShape s = attn_shape(m, lp);
+  const double scale = 1.0 / ((double)N * m->ep_world);
+  void **g = m->g_big;
+  phase(m, "attn_bwd.indexer");
+  be->dsa_index_fwd(be, m->dsa_score, a->idx_q, a->idx_k, a->idx_w, m->B, T, d->Hi, d->di);
+  be->dsa_attn_dist(be, m->dsa_p, a->q, a->k, a->lse, a->sel, dsa_keys(m), &s);
+  m->last_idx_loss += scale * be->dsa_kl(be, m->dsa_score, m->dsa_score, m->dsa_p, a->sel,
+                                          dsa_keys(m), m->B, T, (float)scale);
+  void *dq = g[0], *dk = g[1], *dw = g[2], *dkraw = g[3];
+  be->dsa_index_bwd(be, dq, dk, dw, m->dsa_score, a->idx_q, a->idx_k, a->idx_w, m->B, T, d->Hi,
+                    d->di);
+  be->gemm(be, G(m, lp->idx_w), dw, a->xn1, d->Hi, d->D, N, 1, 0, dsa_w_scale(d), 1, 0);
+  be->rope(be, dq, m->rope_cos, m->rope_sin, N, T, d->Hi, hd, d->di, off, d->dr, 1);
+  be->gemm(be, G(m, lp->idx_wq), dq, a->q_an, hd, d->qr, N, 1, 0, 1, 1, 0);
+  be->rope(be, dk, m->rope_cos, m->rope_sin, N, T, 1, d->di, d->di, off, d->dr, 1);
+  be->rmsnorm_bwd(be, dkraw, G(m, lp->idx_k_norm), dk, a->idx_kraw, W(m, lp->idx_k_norm),
+                  a->idx_krstd, N, d->di, d->di, d->di, 0);
+  be->gemm(be, G(m, lp->idx_wk), dkraw, a->xn1, d->di, d->D, N, 1, 0, 1, 1, 0);
+}
+
 /* ---------------------------------------------------------------- attention */
 
 /* Everything of the attention block up to attn_o (and lse) from its input x:
@@ -373,6 +460,7 @@ static void attn_core(Model *m, int l, const void *x) {
     be->rope(be, kr, m->rope_cos, m->rope_sin, N, T, 1, lda, 0, 0, d->dr, 0);
     be->gemm(be, a->kv, a->kvn, W(m, lp->wkv_b), N, d->H * (d->dn + d->dvh), d->kvr, 0, 1, 1, 0, 0);
     be->mla_kv_split(be, a->k, a->v, a->kv, kr, lda, N, d->H, d->dn, d->dr, d->dvh);
+    if (lp->idx_wq >= 0) indexer_forward(m, l);
     q = a->q;
     k = a->k;
     v = a->v;
@@ -392,7 +480,8 @@ static void attn_core(Model *m, int l, const void *x) {
     if (pk.sinks >= 0) sinks = sinks_as_f32(m, pk.sinks);
   }
   phase(m, "attn_fwd.flash");
-  be->attn_fwd(be, a->attn_o, a->lse, q, k, v, sinks, &s);
+  if (a->sel) be->attn_sel_fwd(be, a->attn_o, a->lse, q, k, v, a->sel, dsa_keys(m), &s);
+  else be->attn_fwd(be, a->attn_o, a->lse, q, k, v, sinks, &s);
 }
 
 /* mid = x + wo(attn(rmsnorm(x))) (+ wo's bias on swa layers) */
@@ -419,6 +508,7 @@ static void attn_backward(Model *m, int l, const void *x) {
   const int ow = s.Hq * s.dv; /* attention output width */
   void **g = m->g_big;
   if (m->cfg.recompute_attn) attn_core(m, l, x);
+  if (lp->idx_wq >= 0) indexer_backward(m, l);
   phase(m, "attn_bwd.out_proj");
   /* d_o = g_res @ wo; dwo += g_res^T @ attn_o (dbo += column sums of g_res) */
   be->gemm(be, g[0], m->g_res, W(m, lp->wo), N, ow, d->D, 0, 0, 1, 0, 0);
@@ -428,7 +518,11 @@ static void attn_backward(Model *m, int l, const void *x) {
     const int lda = d->kvr + d->dr, hq = d->H * d->dqk;
     void *dq = g[1], *dk = g[2], *dv = g[3];
     phase(m, "attn_bwd.flash");
-    be->attn_bwd(be, dq, dk, dv, NULL, g[0], a->q, a->k, a->v, a->attn_o, a->lse, NULL, &s);
+    if (a->sel)
+      be->attn_sel_bwd(be, dq, dk, dv, g[0], a->q, a->k, a->v, a->attn_o, a->lse, a->sel,
+                       dsa_keys(m), &s);
+    else
+      be->attn_bwd(be, dq, dk, dv, NULL, g[0], a->q, a->k, a->v, a->attn_o, a->lse, NULL, &s);
     phase(m, "attn_bwd.proj");
     void *dkv = g[0], *dkv_a = g[4]; /* d_o consumed by attn_bwd */
     be->mla_kv_split_bwd(be, dkv, ACT(m, dkv_a, d->kvr), lda, dk, dv, N, d->H, d->dn, d->dr, d->dvh);
@@ -763,6 +857,7 @@ double model_train_step_grads(Model *m, const int32_t *inputs, const int32_t *ta
   float grad_scale = n_valid > 0 ? 1.0f / (float)n_valid : 0.0f;
   phase(m, "head_loss");
   be->zero(be, m->grads, m->pt.total * be->size[BUF_ACT]);
+  m->last_idx_loss = 0;
   double loss_sum = be->xent(be, m->g_xn, G(m, m->lm_head), m->xf, W(m, m->lm_head), m->tok_tgt, N,
                              D, m->d.V, (float)m->cfg.logits_scale, mask_id(m), grad_scale);
   be->rmsnorm_bwd(be, m->g_res, G(m, m->final_norm), m->g_xn, res_at(m, m->d.L),
@@ -783,6 +878,7 @@ double model_train_step_grads(Model *m, const int32_t *inputs, const int32_t *ta
     phase(m, "grad_reduce_scatter");
     m->comm->reduce_scatter(m->comm, m->grads, m->dense_end, BUF_ACT);
     loss_sum = comm_sum_f64(m->comm, loss_sum);
+    if (m->d.dsa) m->last_idx_loss = comm_sum_f64(m->comm, m->last_idx_loss);
   }
   return n_valid > 0 ? loss_sum / (double)n_valid : 0.0;
 }

@@ -510,9 +510,8 @@ static void test_config_validate(void **state) {
       {"--batch_size=0", "batch_size must be > 0"},
       {"--seq_len=0", "seq_len must be > 0"},
       {"--seq_len=1024", "seq_len (1024) must be <= 2 * max_position_embeddings (256)"},
-      {"--attn=dsa", "attn='dsa' as global attention is not supported yet"},
       {"--attn=swa", "attn='swa' as global attention is not supported yet"},
-      {"--attn=gqa", "attn must be 'mla' or 'mha' (got 'gqa')"},
+      {"--attn=gqa", "attn must be 'mla', 'mha' or 'dsa' (got 'gqa')"},
       {"--attn_global_every=0", "attn_global_every must be >= 1"},
       {"--dtype=fp8", "dtype='fp8' is not supported yet"},
       {"--dtype=nvfp4", "dtype='nvfp4' is not supported yet"},
@@ -544,10 +543,19 @@ static void test_config_validate(void **state) {
   config_fails("", 2, m, "n_heads (4) must be a multiple of n_kv_heads (3)");
   char *m2[] = {"--attn=mha", "--dim=66"};
   config_fails("", 2, m2, "dim (66) must be a multiple of n_heads (4)");
+  char *d1[] = {"--attn=dsa", "--dsa_training_mode=dense"};
+  config_fails("", 2, d1, "dsa_training_mode must be sparse or dense_warmup (got 'dense')");
+  char *d2[] = {"--attn=dsa", "--dsa_idx_dim=6"};
+  config_fails("", 2, d2, "dsa_idx_dim must be >= qk_rope_head_dim (8)");
+  char *d3[] = {"--attn=dsa", "--q_lora_rank=0"};
+  config_fails("", 2, d3, "attn = dsa needs q_lora_rank > 0");
 
   Config c;
   char *ok1[] = {"--attn_global_every=2", "--attn_local=swa", "--attn_local_window=16"};
   config_ok("", 3, ok1, &c);
+  config_free(&c);
+  char *ok_dsa[] = {"--attn=dsa", "--dsa_training_mode=dense_warmup", "--dsa_top_k=16"};
+  config_ok("", 3, ok_dsa, &c);
   config_free(&c);
   char *ok2[] = {"--attn=mha", "--n_kv_heads=2"};
   config_ok("", 2, ok2, &c);

@@ -12,7 +12,7 @@
  *
  * Files: cpu_backend.c (table, memory, timing), cpu_math.c (gemm, grouped gemm,
  * add, bias, sumsq), cpu_layers.c (embedding, RMSNorm, RoPE, SwiGLU, MLA kv split),
- * cpu_attn.c, cpu_moe.c (router, permutation), cpu_loss.c (xent),
+ * cpu_attn.c (dense and key-list attention), cpu_dsa.c (DSA indexer), cpu_moe.c (router, permutation), cpu_loss.c (xent),
  * cpu_optim.c (AdamW), cpu_quant.c (block-scaled fp8/fp4 fake quantization,
  * codec in quant.h). */
 #ifndef NMOE_CPU_H
@@ -71,6 +71,21 @@ void cpu_attn_fwd(Backend *be, void *o, void *lse, const void *q, const void *k,
 void cpu_attn_bwd(Backend *be, void *dq, void *dk, void *dv, void *dsinks, const void *dout,
                   const void *q, const void *k, const void *v, const void *o, const void *lse,
                   const void *sinks, const AttnShape *s);
+
+void cpu_attn_sel_fwd(Backend *be, void *o, void *lse, const void *q, const void *k,
+                      const void *v, const int32_t *sel, int K, const AttnShape *s);
+void cpu_attn_sel_bwd(Backend *be, void *dq, void *dk, void *dv, const void *dout, const void *q,
+                      const void *k, const void *v, const void *o, const void *lse,
+                      const int32_t *sel, int K, const AttnShape *s);
+void cpu_dsa_index_fwd(Backend *be, void *score, const void *q, const void *k, const void *w, int B,
+                       int T, int Hi, int di);
+void cpu_dsa_index_bwd(Backend *be, void *dq, void *dk, void *dw, const void *dscore, const void *q,
+                       const void *k, const void *w, int B, int T, int Hi, int di);
+void cpu_dsa_topk(Backend *be, int32_t *sel, const void *score, int B, int T, int K);
+void cpu_dsa_attn_dist(Backend *be, void *p, const void *q, const void *k, const void *lse,
+                       const int32_t *sel, int K, const AttnShape *s);
+double cpu_dsa_kl(Backend *be, void *dscore, const void *score, const void *p, const int32_t *sel, int K,
+                  int B, int T, float grad_scale);
 
 void cpu_router_fwd(Backend *be, void *scores, int32_t *idx, void *w, int32_t *counts, void *imp,
                     const void *x, const void *wg, const void *bias, int N, int D, int E, int K,

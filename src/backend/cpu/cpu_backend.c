@@ -132,6 +132,13 @@ Backend *backend_cpu(void) {
   be->rope = cpu_rope;
   be->attn_fwd = cpu_attn_fwd;
   be->attn_bwd = cpu_attn_bwd;
+  be->attn_sel_fwd = cpu_attn_sel_fwd;
+  be->attn_sel_bwd = cpu_attn_sel_bwd;
+  be->dsa_index_fwd = cpu_dsa_index_fwd;
+  be->dsa_index_bwd = cpu_dsa_index_bwd;
+  be->dsa_topk = cpu_dsa_topk;
+  be->dsa_attn_dist = cpu_dsa_attn_dist;
+  be->dsa_kl = cpu_dsa_kl;
   be->mla_kv_split = cpu_mla_kv_split;
   be->mla_kv_split_bwd = cpu_mla_kv_split_bwd;
   be->swiglu_fwd = cpu_swiglu_fwd;
