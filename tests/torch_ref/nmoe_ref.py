@@ -88,7 +88,11 @@ class Dims:
     def __init__(self, c):
         self.V, self.D, self.L = c["vocab_size"], c["dim"], c["n_layers"]
         self.n_dense, self.H = c["n_dense_layers"], c["n_heads"]
-        self.mla = c["attn"] == "mla"
+        self.dsa = c["attn"] == "dsa"  # MLA whose attention the lightning indexer restricts
+        self.mla = self.dsa or c["attn"] == "mla"
+        self.Hi, self.di = c.get("dsa_idx_heads", 0), c.get("dsa_idx_dim", 0)
+        self.top_k = c.get("dsa_top_k", 0)
+        self.dsa_sparse = c.get("dsa_training_mode", "sparse") != "dense_warmup"
         if self.mla:
             self.Hkv = self.H
             self.qr, self.kvr = c["q_lora_rank"], c["kv_lora_rank"]
@@ -118,6 +122,8 @@ class Dims:
         if self.mla:
             q = (self.qr * self.D + self.H * self.dqk * self.qr) if self.qr > 0 else self.H * self.dqk * self.D
             attn = q + (self.kvr + self.dr) * self.D + self.H * (self.dn + self.dvh) * self.kvr
+            if self.dsa:
+                attn += self.Hi * self.di * self.qr + (self.di + self.Hi) * self.D
         else:
             attn = (self.H + 2 * self.Hkv) * self.hd * self.D
         return attn + self.D * self.H * self.dv
@@ -131,13 +137,17 @@ class Dims:
     def flops_per_token(self, T):
         """As model_flops_per_token(): 6 x active + attention fwd+bwd over the keys
         each query sees (T/2 causal; a window w sees w - w^2/2T on average)."""
+        def keys(w):  # mean keys a causal query sees when it sees at most w
+            return w - w * w / (2.0 * T) if w < T else T / 2.0
         attn = 0.0
         for l in range(self.L):
-            if self.glob[l]:
+            if self.glob[l] and self.dsa:
+                attn += 6.0 * self.Hi * self.di * (T / 2.0)
+                attn += 6.0 * self.H * (self.dqk + self.dv) * (keys(float(self.top_k)) if self.dsa_sparse else T / 2.0)
+            elif self.glob[l]:
                 attn += 6.0 * self.H * (self.dqk + self.dv) * (T / 2.0)
             else:
-                w = float(self.window)
-                attn += 6.0 * self.H * 2 * self.swa_hd * (w - w * w / (2.0 * T) if w < T else T / 2.0)
+                attn += 6.0 * self.H * 2 * self.swa_hd * keys(float(self.window))
         return 6.0 * self.active_matmul_params() + attn
 
 
@@ -256,8 +266,59 @@ def attention(q, k, v, window, scale, use_sdpa, sinks=None):
     return o.transpose(1, 2).reshape(B, T, H * dv)
 
 
+class Indexer(nn.Module):
+    """DSA's lightning indexer (DeepSeek-V3.2 names): q_I = rope(wq_b(q latent))
+    [B, T, Hi, di], k_I = rope(k_norm(wk(x))) [B, T, di], w = weights_proj(x) /
+    sqrt(Hi di); I[b, t, s] = sum_j w[t, j] relu(q_I[t, j] . k_I[s]) (rope on the
+    last qk_rope_head_dim dims of each head)."""
+
+    def __init__(self, d, eps):
+        super().__init__()
+        self.d = d
+        self.wq_b = Lin(d.qr, d.Hi * d.di)
+        self.wk = Lin(d.D, d.di)
+        self.k_norm = Norm(d.di, eps)
+        self.weights_proj = Lin(d.D, d.Hi)
+
+    def forward(self, x, qa, cos, sin):
+        d = self.d
+        B, T, _ = x.shape
+        rd, di = d.dr, d.di
+        q = self.wq_b(qa).view(B, T, d.Hi, di)
+        q = torch.cat([q[..., :di - rd], rope(q[..., di - rd:], cos, sin)], -1)
+        k = self.k_norm(self.wk(x)).view(B, T, 1, di)
+        k = torch.cat([k[..., :di - rd], rope(k[..., di - rd:], cos, sin)], -1).view(B, T, di)
+        w = self.weights_proj(x) / math.sqrt(d.Hi * di)
+        dots = torch.einsum("bthc,bsc->btsh", q, k).relu()
+        return (dots * w.unsqueeze(2)).sum(-1)  # [B, T, T]
+
+
+def dsa_select(score, top_k):
+    """Keys each query attends to in sparse mode: the top_k causal keys by
+    score (ties to the earlier key; all of them when t + 1 <= top_k), as a bool
+    mask [B, T, T]. Also the smallest nonzero gap between a chosen and an
+    unchosen causal key's score (how close the selection is to a near-tie that
+    float32 could resolve differently; exact ties go to the earlier key in both)."""
+    B, T, _ = score.shape
+    causal = torch.ones(T, T, dtype=torch.bool, device=score.device).tril()
+    s = score.masked_fill(~causal, float("-inf"))
+    order = torch.sort(s, dim=-1, descending=True, stable=True).indices
+    keep = torch.zeros_like(causal).expand(B, T, T).clone()
+    keep.scatter_(-1, order[..., :min(top_k, T)], True)
+    keep &= causal
+    gap = float("inf")
+    if top_k < T:
+        chosen = s.masked_fill(~keep, float("inf")).min(-1).values
+        left = s.masked_fill(keep | ~causal, float("-inf")).max(-1).values
+        rows = torch.arange(T, device=score.device) + 1 > top_k
+        g = (chosen - left)[:, rows]
+        gap = g[g > 0].min().item() if bool((g > 0).any()) else gap
+    return keep, gap
+
+
 class Attention(nn.Module):
-    """MLA (q/kv low rank, shared rope key) or MHA/GQA; parameter names as ours."""
+    """MLA (q/kv low rank, shared rope key), MHA/GQA, or DSA (MLA plus the
+    lightning indexer); parameter names as ours."""
 
     def __init__(self, d, eps, window, use_sdpa):
         super().__init__()
@@ -273,6 +334,8 @@ class Attention(nn.Module):
             self.wkv_a = Lin(d.D, d.kvr + d.dr)
             self.kv_norm = Norm(d.kvr, eps)
             self.wkv_b = Lin(d.kvr, d.H * (d.dn + d.dvh))
+            if d.dsa:
+                self.indexer = Indexer(d, eps)
         else:
             self.wq = Lin(d.D, d.H * d.hd)
             self.wk = Lin(d.D, d.Hkv * d.hd)
@@ -283,7 +346,8 @@ class Attention(nn.Module):
         d = self.d
         B, T, _ = x.shape
         if d.mla:
-            q = self.wq_b(self.q_norm(self.wq_a(x))) if d.qr > 0 else self.wq(x)
+            qa = self.q_norm(self.wq_a(x)) if d.qr > 0 else None
+            q = self.wq_b(qa) if d.qr > 0 else self.wq(x)
             q = q.view(B, T, d.H, d.dqk)
             q = torch.cat([q[..., :d.dn], rope(q[..., d.dn:], cos, sin)], -1)
             kv_a = self.wkv_a(x)
@@ -292,6 +356,8 @@ class Attention(nn.Module):
             kv = self.wkv_b(kvn).view(B, T, d.H, d.dn + d.dvh)
             k = torch.cat([kv[..., :d.dn], kr.expand(B, T, d.H, d.dr)], -1)
             v = kv[..., d.dn:]
+            if d.dsa:
+                return self.wo(self.dsa_attention(x, qa, q, k, v, cos, sin))
         else:
             q = self.wq(x).view(B, T, d.H, d.hd)
             k = self.wk(x).view(B, T, d.Hkv, d.hd)
@@ -304,6 +370,33 @@ class Attention(nn.Module):
                 k = k.repeat_interleave(d.H // d.Hkv, dim=2)
                 v = v.repeat_interleave(d.H // d.Hkv, dim=2)
         return self.wo(attention(q, k, v, self.window, self.scale, self.use_sdpa))
+
+
+    def dsa_attention(self, x, qa, q, k, v, cos, sin):
+        """Attention over the indexer's selection (sparse) or the causal set
+        (dense_warmup), and the indexer loss into self.idx_loss: per token
+        KL(p || softmax(I)) over that set, p = the attention probabilities
+        averaged over heads (detached), mean over tokens. The indexer reads x
+        and the q latent detached: its loss reaches only its own weights."""
+        d = self.d
+        B, T = x.shape[:2]
+        score = self.indexer(x.detach(), qa.detach(), cos, sin)
+        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril().expand(B, T, T)
+        if d.dsa_sparse:
+            keep, self.gap = dsa_select(score.detach(), d.top_k)
+        else:
+            keep, self.gap = causal, float("inf")
+        s = torch.einsum("bthc,bshc->bhts", q, k) * self.scale
+        p = torch.softmax(s.masked_fill(~keep.unsqueeze(1), float("-inf")), -1)  # [B, H, T, T]
+        o = torch.einsum("bhts,bshc->bthc", p, v).reshape(B, T, d.H * d.dv)
+        target = p.detach().mean(1)
+        logr = torch.log_softmax(score.masked_fill(~keep, float("-inf")), -1)
+        use = keep & (target > 0)
+        kl = torch.where(use, target * (torch.log(torch.where(use, target, torch.ones_like(target)))
+                                        - torch.where(use, logr, torch.zeros_like(logr))),
+                         torch.zeros_like(target))
+        self.idx_loss = kl.sum() / (B * T)
+        return o
 
 
 class SwaAttention(nn.Module):
@@ -485,8 +578,13 @@ class NmoeModel(nn.Module):
         x = F.embedding(inputs, self.embedding.weight) * c["embed_scale"]
         cos, sin = self.rope_cos.to(x.dtype), self.rope_sin.to(x.dtype)
         aux_total, routing = None, {}
+        self.idx_loss, self.idx_gap = None, float("inf")
         for l, blk in enumerate(self.layers):
             x, info = blk(x, cos, sin)
+            il = getattr(blk.attn, "idx_loss", None)
+            if il is not None:
+                self.idx_loss = il if self.idx_loss is None else self.idx_loss + il
+                self.idx_gap = min(self.idx_gap, blk.attn.gap)
             if info is not None:
                 if self.keep_routing:
                     routing[l] = info
@@ -634,6 +732,8 @@ def run_oracle(path, device, routing):
     targets = torch.from_numpy(npy(path, "targets").astype(np.int64)).to(device).view(B, T)
     ce, aux, info = model(inputs, targets)
     total = ce + aux if aux is not None else ce
+    if model.idx_loss is not None:  # DSA: the indexer loss is in our gradients too
+        total = total + model.idx_loss
     total.backward()
 
     n_valid = int((targets != model.ignore).sum())
@@ -642,6 +742,11 @@ def run_oracle(path, device, routing):
     print(f"     loss ours={meta['loss']:.8f} ref={ce.item():.8f}")
     if aux is not None:
         chk.rel("aux_loss", meta["aux_loss"], aux.item(), b[0])
+    if model.idx_loss is not None:
+        print(f"     dsa indexer loss ref={model.idx_loss.item():.8f}; "
+              f"smallest nonzero score gap at a top-k boundary {model.idx_gap:.2e}")
+        if "idx_loss" in meta:
+            chk.rel("idx_loss", meta["idx_loss"], model.idx_loss.item(), b[0])
     for l, r in info.items():
         biased, own, K = r["biased"], r["own_idx"], r["own_idx"].shape[1]
         top = torch.sort(biased, dim=-1, descending=True).values
