@@ -418,8 +418,12 @@ int config_validate(const Config *c, char *err, size_t errlen) {
   if (!c->norm_topk_prob) BAD("norm_topk_prob=false is not supported yet (top-k weights are always normalised)");
 
   /* precision, device */
-  if (!strcmp(c->dtype, "fp8") || !strcmp(c->dtype, "nvfp4")) BAD("dtype='%s' is not supported yet (use bf16)", c->dtype);
-  if (strcmp(c->dtype, "bf16")) BAD("dtype must be 'bf16' (got '%s')", c->dtype);
+  static const char *const dtypes[] = {"bf16", "fp8", "nvfp4", NULL};
+  if (!is_one_of(c->dtype, dtypes)) BAD("dtype must be bf16, fp8 or nvfp4 (got '%s')", c->dtype);
+  if (strcmp(c->dtype, "bf16") && (c->dim % 32 || c->moe_inter_dim % 32))
+    BAD("dtype=%s needs dim (%lld) and moe_inter_dim (%lld) divisible by 32 (one scale per 32 "
+        "elements along each expert GEMM's K)", c->dtype, (long long)c->dim,
+        (long long)c->moe_inter_dim);
   static const char *const devices[] = {"auto", "cuda", "cpu", NULL};
   if (!is_one_of(c->device, devices)) BAD("device must be auto, cuda or cpu (got '%s')", c->device);
   static const char *const masters[] = {"fp32", "stochastic", NULL};

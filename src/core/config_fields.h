@@ -60,7 +60,7 @@ X(FLOAT, aux_loss_alpha,          0.0,             CF_FP,      "switch-style loa
 X(BOOL,  norm_topk_prob,          true,            CF_FP,      "normalise top-k weights to sum 1 (false is not supported)")
 X(FLOAT, route_scale,             1.0,             CF_FP,      "router logits multiplier before the sigmoid")
 /* ---- precision / device ---- */
-X(STR,   dtype,                   "bf16",          CF_FP,      "routed-expert GEMM format: bf16 (fp8, nvfp4 not supported yet)")
+X(STR,   dtype,                   "bf16",          CF_FP,      "routed-expert GEMM format: bf16 | fp8 (E4M3) | nvfp4 (E2M1), E8M0 scale per 32 along K (emulated)")
 X(STR,   device,                  "auto",          CF_OURS,    "auto | cuda | cpu")
 X(STR,   master_weights,          "fp32",          CF_OURS,    "cuda: fp32 master copy (fp32) or bf16 with stochastic rounding (stochastic)")
 X(BOOL,  recompute_attn,          false,           CF_OURS,    "cuda: recompute attention in backward instead of storing it")

@@ -265,7 +265,36 @@ Model *model_create(const Config *cfg, Backend *be, Comm *comm) {
     for (int l = 0; l < m->n_moe; l++) ep_plan_init(&m->ep_plan[l], m->ep_rank, m->ep_world, d->E);
   }
   init_params(m);
+  m->quant_fmt = !strcmp(cfg->dtype, "fp8")     ? QFMT_FP8_E4M3
+                 : !strcmp(cfg->dtype, "nvfp4") ? QFMT_FP4_E2M1
+                                                : QFMT_BF16;
+  if (m->quant_fmt != QFMT_BF16 && m->n_moe > 0) {
+    if (d->D % 32 || d->Fm % 32)
+      nmoe_fatal("dtype=%s needs dim (%d) and moe_inter_dim (%d) divisible by 32 (one scale per "
+                 "32 elements along each expert GEMM's K)", cfg->dtype, d->D, d->Fm);
+    m->expert_q = be->alloc(be, (n - m->dense_end) * be->size[BUF_ACT]);
+    m->expert_q_stale = 1;
+  }
   return m;
+}
+
+void *model_expert_q(const Model *m, int p) {
+  NMOE_ASSERT(m->expert_q && m->pt.p[p].offset >= m->dense_end);
+  return (char *)m->expert_q + (m->pt.p[p].offset - m->dense_end) * m->be->size[BUF_ACT];
+}
+
+void model_quant_refresh(Model *m) {
+  if (!m->expert_q) return;
+  const ModelDims *d = &m->d;
+  for (int l = 0; l < d->L; l++) {
+    const LayerParams *lp = &m->lp[l];
+    if (lp->moe_index < 0) continue;
+    m->be->quantize_blocks(m->be, model_expert_q(m, lp->exp_w13), model_ptr(m, m->params, lp->exp_w13),
+                           m->E_local, d->D, 2 * d->Fm, m->quant_fmt);
+    m->be->quantize_blocks(m->be, model_expert_q(m, lp->exp_w2), model_ptr(m, m->params, lp->exp_w2),
+                           m->E_local, d->Fm, d->D, m->quant_fmt);
+  }
+  m->expert_q_stale = 0;
 }
 
 void model_update_router_bias(Model *m, const int32_t *counts, double rate) {

@@ -132,6 +132,15 @@ typedef struct Model {
   size_t ep_M;               /* rows (N*K) the symmetric buffers were sized for */
   ExpertRows *ep_rows;       /* [n_moe], or one shared with recompute_experts */
   GrowBuf ep_s1, ep_s2;      /* [R, 2Fm], [R, max(Fm, D)] */
+  /* Routed-expert numerics (cfg.dtype): QFMT_BF16, or fp8/nvfp4 fake
+   * quantization of both routed-expert GEMM inputs (blocks of 32 along K;
+   * emulated: the decoded values go through the bf16 GEMMs). expert_q mirrors
+   * the expert parameter group [dense_end, pt.total): every w13 [E_local, D,
+   * 2Fm] and w2 [E_local, Fm, D] quantized down its columns (along K). */
+  int quant_fmt;
+  void *expert_q;            /* ACT [pt.total - dense_end], NULL for bf16 */
+  int expert_q_stale;        /* rebuild before the next forward (init, restore) */
+  GrowBuf quant_rows;        /* [R, max(D, Fm)]: quantized expert-input rows */
   void *dsa_score, *dsa_p;   /* F32 [B, T, T]: indexer scores (then their gradient), target */
   double last_aux_loss;
   /* The DSA indexer loss of the last train step: over DSA layers, the sum of
@@ -191,5 +200,13 @@ int model_layer_global(const Config *cfg, int l);
 /* Offset in the optimizer state buffers of parameter element elem (which must
  * lie in this rank's dense shard or in the expert group). */
 size_t model_state_offset(const Model *m, size_t elem);
+
+/* Rebuilds the quantized expert weight cache (m->expert_q) from the current
+ * expert weights; nothing for dtype bf16. optim_step calls it after every
+ * update; the first forward after model_create (init, or a restore that wrote
+ * the weights) does it too. Call it after changing expert weights otherwise. */
+void model_quant_refresh(Model *m);
+/* The quantized copy of expert parameter row p (exp_w13 or exp_w2). */
+void *model_expert_q(const Model *m, int p);
 
 #endif

@@ -138,6 +138,7 @@ static void free_acts(Model *m) {
   m->ep_rows = NULL;
   grow_free(m, &m->ep_s1);
   grow_free(m, &m->ep_s2);
+  grow_free(m, &m->quant_rows);
   free(m->acts);
   m->acts = NULL;
 }
@@ -278,7 +279,7 @@ void model_free(Model *m) {
   if (!m) return;
   free_acts(m);
   Backend *be = m->be;
-  void *bufs[] = {m->params, m->grads, m->master, m->adam_m, m->adam_v, m->router_bias};
+  void *bufs[] = {m->params, m->grads, m->master, m->adam_m, m->adam_v, m->router_bias, m->expert_q};
   for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
     if (bufs[i]) be->free(be, bufs[i]);
   free(m->router_bias_host);
@@ -580,15 +581,34 @@ static void attn_backward(Model *m, int l, const void *x) {
 /* ---------------------------------------------------------------- ffn */
 
 /* The routed experts on R rows grouped by expert (nE experts, ranges off on
- * the device and offh on the host): gu = x W13, h = swiglu(gu), y = h W2. */
+ * the device and offh on the host): gu = x W13, h = swiglu(gu), y = h W2.
+ * With dtype fp8/nvfp4 both GEMMs take fake-quantized operands: the cached
+ * weights and a quantized copy of x (then of h), blocks of 32 along K. gu and
+ * h stay what the forward produced and x, h unquantized: the backward
+ * (expert_rows_bwd, unchanged) runs on them and the bf16 weights, the
+ * straight-through estimator. */
 static void expert_rows_fwd(Model *m, const LayerParams *lp, void *y, void *h, void *gu,
                             const void *x, const void *off, const int32_t *offh, int nE, int R) {
   Backend *be = m->be;
   const ModelDims *d = &m->d;
   if (R == 0) return;
-  be->grouped_gemm(be, GG_FWD, gu, x, W(m, lp->exp_w13), off, offh, nE, R, 2 * d->Fm, d->D);
+  const int fmt = m->quant_fmt;
+  const void *w13 = W(m, lp->exp_w13), *w2 = W(m, lp->exp_w2), *xin = x, *hin = h;
+  void *q = NULL;
+  if (fmt != QFMT_BF16) {
+    q = grow(m, &m->quant_rows, (size_t)R * max_sz((size_t)d->D, (size_t)d->Fm) * be->size[BUF_ACT]);
+    w13 = model_expert_q(m, lp->exp_w13);
+    w2 = model_expert_q(m, lp->exp_w2);
+    be->quantize_blocks(be, q, x, R, d->D, 1, fmt);
+    xin = q;
+  }
+  be->grouped_gemm(be, GG_FWD, gu, xin, w13, off, offh, nE, R, 2 * d->Fm, d->D);
   be->swiglu_fwd(be, h, gu, R, d->Fm);
-  be->grouped_gemm(be, GG_FWD, y, h, W(m, lp->exp_w2), off, offh, nE, R, d->D, d->Fm);
+  if (fmt != QFMT_BF16) {
+    be->quantize_blocks(be, q, h, R, d->Fm, 1, fmt);
+    hin = q;
+  }
+  be->grouped_gemm(be, GG_FWD, y, hin, w2, off, offh, nE, R, d->D, d->Fm);
 }
 
 /* Backward of expert_rows_fwd: dy [R, D] in, dx [R, D] out (dx may alias dy or
@@ -793,6 +813,7 @@ static void *mid_at(Model *m, int l) { return ACT(m, m->mid, (size_t)l * m->B * 
 /* Forward through the final norm; leaves xf ready for the loss. */
 static void forward_trunk(Model *m, const int32_t *inputs, const int32_t *targets, int B, int T) {
   ensure_acts(m, B, T);
+  if (m->expert_q_stale) model_quant_refresh(m);
   Backend *be = m->be;
   const int N = B * T, D = m->d.D;
   phase(m, "embed_fwd");

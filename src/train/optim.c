@@ -70,4 +70,6 @@ void optim_step(Model *m, int64_t step, double lr_scale, double clip_scale) {
   }
   /* every rank updated its dense shard: share them */
   if (m->comm) m->comm->all_gather(m->comm, m->params, m->dense_end, BUF_ACT);
+  /* the fp8/nvfp4 forward reads the new expert weights through their cache */
+  model_quant_refresh(m);
 }

@@ -513,9 +513,7 @@ static void test_config_validate(void **state) {
       {"--attn=swa", "attn='swa' as global attention is not supported yet"},
       {"--attn=gqa", "attn must be 'mla', 'mha' or 'dsa' (got 'gqa')"},
       {"--attn_global_every=0", "attn_global_every must be >= 1"},
-      {"--dtype=fp8", "dtype='fp8' is not supported yet"},
-      {"--dtype=nvfp4", "dtype='nvfp4' is not supported yet"},
-      {"--dtype=fp16", "dtype must be 'bf16'"},
+      {"--dtype=fp16", "dtype must be bf16, fp8 or nvfp4 (got 'fp16')"},
       {"--device=tpu", "device must be auto, cuda or cpu (got 'tpu')"},
       {"--master_weights=bf16", "master_weights must be fp32 or stochastic"},
       {"--norm_topk_prob=false", "norm_topk_prob=false is not supported yet"},
@@ -537,6 +535,8 @@ static void test_config_validate(void **state) {
     char *argv[] = {(char *)cases[i].arg};
     config_fails("", 1, argv, cases[i].want);
   }
+  char *q8[] = {"--dtype=nvfp4", "--moe_inter_dim=48"};
+  config_fails("", 2, q8, "dtype=nvfp4 needs dim (64) and moe_inter_dim (48) divisible by 32");
   char *g[] = {"--attn_global_every=2", "--attn_local=nsa"};
   config_fails("", 2, g, "attn_local='nsa' is not supported yet");
   char *m[] = {"--attn=mha", "--n_kv_heads=3"};

@@ -54,7 +54,69 @@ static void tiny_config(Config *c) {
   c->seed = 1234;
 }
 
+/* ---- the fp8/nvfp4 straight-through estimator (STE) as a surrogate loss ----
+ * The expert backward runs the bf16 formulas on the forward's saved values and
+ * the bf16 weights. That is exactly the gradient, at theta0, of the surrogate
+ *   L_s(theta) = the bf16 forward in which every expert GEMM output gets the
+ *                constant C_i = q(a0) q(b0) - a0 b0 (its quantization error at
+ *                theta0; a0, b0 the unquantized operands of GEMM call i),
+ * because d(a b + C)/da = dY b^T and d/db = a^T dY, with gu and h the values
+ * the fp8 forward produced (L_s(theta0) = L_fp8(theta0)). So with the backend
+ * wrapped below, finite differences of L_s check the fp8 model's analytic
+ * gradient of EVERY parameter (upstream ones included) to the usual bound. */
+enum { STE_OFF, STE_PASS, STE_RECORD, STE_SURROGATE };
+static struct {
+  int mode, calls;
+  void (*quantize)(Backend *, void *, const void *, int, int, int, int);
+  void (*grouped_gemm)(Backend *, int, void *, const void *, const void *, const int32_t *,
+                       const int32_t *, int, int, int, int);
+  const void *q[64], *src[64]; /* quantized buffer -> what it was quantized from */
+  int nq;
+  double *C[64];               /* per GG_FWD call of one forward */
+} ste;
+
+/* Records q <- x; in surrogate mode "quantization" is the identity. */
+static void ste_quantize(Backend *be, void *q, const void *x, int outer, int K, int inner, int fmt) {
+  int i = 0;
+  while (i < ste.nq && ste.q[i] != q) i++;
+  assert_true(i < 64);
+  if (i == ste.nq) ste.nq++;
+  ste.q[i] = q;
+  ste.src[i] = x;
+  if (ste.mode == STE_SURROGATE) be->copy(be, q, x, (size_t)outer * K * inner * sizeof(real_t));
+  else ste.quantize(be, q, x, outer, K, inner, fmt);
+}
+
+static const void *ste_src(const void *p) {
+  for (int i = 0; i < ste.nq; i++)
+    if (ste.q[i] == p) return ste.src[i];
+  return p;
+}
+
+static void ste_grouped_gemm(Backend *be, int mode, void *out, const void *a, const void *b,
+                             const int32_t *off, const int32_t *offh, int E, int M, int N, int K) {
+  ste.grouped_gemm(be, mode, out, a, b, off, offh, E, M, N, K);
+  if (mode != GG_FWD || ste.mode < STE_RECORD) return;
+  const int i = ste.calls++;
+  real_t *y = out;
+  assert_true(i < 64);
+  if (ste.mode == STE_RECORD) { /* C = q(a) q(b) - a b */
+    real_t *ab = malloc((size_t)M * N * sizeof(real_t));
+    ste.grouped_gemm(be, mode, ab, ste_src(a), ste_src(b), off, offh, E, M, N, K);
+    free(ste.C[i]);
+    ste.C[i] = malloc((size_t)M * N * sizeof(double));
+    for (size_t j = 0; j < (size_t)M * N; j++) ste.C[i][j] = y[j] - ab[j];
+    free(ab);
+  } else {
+    for (size_t j = 0; j < (size_t)M * N; j++) y[j] += ste.C[i][j];
+  }
+}
+
 static double full_loss(Model *m, const int32_t *in, const int32_t *tg, int B, int T) {
+  if (ste.mode >= STE_RECORD) {
+    model_quant_refresh(m); /* surrogate: the weight "cache" is the perturbed weights */
+    ste.calls = 0;
+  }
   int64_t nv;
   double s = model_eval_loss(m, in, tg, B, T, &nv);
   return s / (double)nv + m->last_aux_loss;
@@ -82,7 +144,32 @@ static void gradcheck(Config *c, int samples) {
     if (m->pt.p[r].init == INIT_ZEROS)
       for (size_t i = 0; i < m->pt.p[r].numel; i++)
         p[m->pt.p[r].offset + i] = 0.5 * ((double)(rng_u64(11, (uint64_t)r, i, 0) % 1000) / 500.0 - 1);
+  double l_fp8 = 0;
+  if (m->quant_fmt != QFMT_BF16) { /* record the quantization errors C_i at theta0 */
+    ste.quantize = be->quantize_blocks;
+    ste.grouped_gemm = be->grouped_gemm;
+    be->quantize_blocks = ste_quantize;
+    be->grouped_gemm = ste_grouped_gemm;
+    ste.mode = STE_RECORD;
+    l_fp8 = full_loss(m, in, tg, B, T);
+    ste.mode = STE_PASS;
+    model_quant_refresh(m);
+  }
   model_train_step_grads(m, in, tg, B, T);
+  if (m->quant_fmt != QFMT_BF16) {
+    ste.mode = STE_SURROGATE;
+    double l_s = full_loss(m, in, tg, B, T);
+    if (fabs(l_s - l_fp8) > 1e-12 * fabs(l_fp8)) fail_msg("L_s %.17g != L_fp8 %.17g", l_s, l_fp8);
+    ste.mode = STE_OFF;
+    c->dtype = "bf16"; /* the surrogate differs from the bf16 model (else the check is empty) */
+    Model *mb = model_create(c, be, NULL);
+    memcpy(mb->params, m->params, m->pt.total * sizeof(real_t));
+    be->put(be, mb->router_bias, BUF_F32, m->router_bias_host, (size_t)m->n_moe * m->d.E);
+    double l_bf16 = full_loss(mb, in, tg, B, T);
+    if (fabs(l_bf16 - l_fp8) < 1e-6 * fabs(l_fp8)) fail_msg("fp8 loss equals bf16's: no quantization");
+    model_free(mb);
+    ste.mode = STE_SURROGATE;
+  }
   const double eps = 1e-5;
   double worst = 0;
   char worst_name[256] = "";
@@ -106,6 +193,8 @@ static void gradcheck(Config *c, int samples) {
     }
   }
   if (worst >= 1e-4) fail_msg("gradient mismatch rel=%.3g at %s", worst, worst_name);
+  ste.mode = STE_OFF;
+  ste.nq = 0;
   model_free(m);
   be->destroy(be);
 }
@@ -346,8 +435,25 @@ static void test_odd_dims_fused_weights(void **state) {
   gradcheck(&c, 4);
 }
 
+/* dtype fp8 and nvfp4: the analytic gradient is the STE's (see ste above);
+ * dim and moe_inter_dim 32 (one block along each expert K). */
+static void test_quantized_experts_ste(void **state) {
+  (void)state;
+  const char *dtypes[] = {"fp8", "nvfp4"};
+  for (int i = 0; i < 2; i++) {
+    Config c;
+    tiny_config(&c);
+    c.dim = 32;
+    c.moe_inter_dim = 32;
+    c.n_layers = 2;
+    c.dtype = (char *)dtypes[i];
+    gradcheck(&c, 4);
+  }
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
+      cmocka_unit_test(test_quantized_experts_ste),
       cmocka_unit_test(test_mla_moe_shared_dense),
       cmocka_unit_test(test_mha_gqa),
       cmocka_unit_test(test_moe_aux_loss_no_qlora_window),

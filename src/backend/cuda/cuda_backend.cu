@@ -295,6 +295,7 @@ extern "C" Backend *backend_cuda(int device, char *err, size_t errlen) {
   be->mla_kv_split_bwd = cu_mla_kv_split_bwd;
   be->swiglu_fwd = cu_swiglu_fwd;
   be->swiglu_bwd = cu_swiglu_bwd;
+  be->quantize_blocks = cu_quantize_blocks;
   be->router_fwd = cu_router_fwd;
   be->router_bwd = cu_router_bwd;
   be->moe_sort = cu_moe_sort;

@@ -8,7 +8,8 @@
  *   router_moe.cu    router_*, moe_*
  *   xent.cu          xent
  *   attention.cu     attn_fwd, attn_bwd
- *   bias.cu          bias_add, bias_grad */
+ *   bias.cu          bias_add, bias_grad
+ *   quant.cu         quantize_blocks */
 #ifndef NMOE_CUDA_OPS_H
 #define NMOE_CUDA_OPS_H
 #include "backend/backend.h"
@@ -45,6 +46,7 @@ void cu_mla_kv_split_bwd(Backend *be, void *dkv, void *dkr, int ldkr, const void
                          const void *dv, int N, int H, int dn, int dr, int dv_dim);
 void cu_swiglu_fwd(Backend *be, void *h, const void *gu, int M, int F);
 void cu_swiglu_bwd(Backend *be, void *dgu, const void *dh, const void *gu, int M, int F);
+void cu_quantize_blocks(Backend *be, void *q, const void *x, int outer, int K, int inner, int fmt);
 void cu_router_fwd(Backend *be, void *scores, int32_t *idx, void *w, int32_t *counts, void *imp,
                    const void *x, const void *wg, const void *bias, int N, int D, int E, int K,
                    float route_scale);
