@@ -257,7 +257,7 @@ int train_main(int argc, char **argv) {
   log_info("nmoe: %s backend | %lld params (%.1fM active matmul) | %d layers (%d dense, %d moe) | "
            "%s attention | fingerprint %.12s",
            be->name, (long long)model_param_count(m), model_active_matmul_params(d, &cfg) / 1e6, d->L,
-           d->n_dense, m->n_moe, d->mla ? "mla" : "mha", fp);
+           d->n_dense, m->n_moe, d->dsa ? "dsa" : d->mla ? "mla" : "mha", fp);
 
 
   RunRecord rec = {0};
@@ -354,6 +354,7 @@ int train_main(int argc, char **argv) {
       metrics_log(mx, "train/loss", s, loss);
       metrics_log(mx, "train/grad_norm", s, gnorm);
       if (cfg.aux_loss_alpha > 0) metrics_log(mx, "train/aux_loss", s, m->last_aux_loss);
+      if (d->dsa) metrics_log(mx, "train/indexer_loss", s, m->last_idx_loss);
       metrics_log(mx, "optimizer/lr", s, lr);
       metrics_log(mx, "throughput/tokens_per_s_gpu", s, tps);
       metrics_log(mx, "throughput/ms_per_step", s, ms);

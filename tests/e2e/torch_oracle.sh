@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # torch_oracle.sh: the PyTorch oracle (tests/torch_ref/nmoe_ref.py, an
 # independent float64 implementation of the model spec) against the CPU
-# backend, for both oracle models (MLA + SWA local layers with aux loss; MHA/GQA
-# + YaRN + SWA local layers with GQA): loss, every parameter gradient, routing.
+# backend, for the three oracle models (MLA + SWA local layers with aux loss;
+# MHA/GQA + YaRN + SWA local layers with GQA; DSA sparse layers beside an SWA
+# layer): loss, every parameter gradient, routing, the DSA indexer loss.
 # On the GPU machine the same script also checks the CUDA backend.
 set -euo pipefail
 cd "$(dirname "$0")/../.."

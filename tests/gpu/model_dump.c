@@ -17,7 +17,7 @@
  *   route.<layer>.npy int32 [B*T, K]    the experts each token chose (descending
  *                                       biased score), captured from router_fwd
  *   inputs.npy targets.npy  int32 [B, T]
- *   meta.json  loss (mean CE over kept targets), n_valid, aux_loss, backend,
+ *   meta.json  loss (mean CE over kept targets), n_valid, aux_loss, idx_loss (DSA indexer), backend,
  *              B, T, router_bias_scale, moe_layers, config (config_to_json)
  * The gradients are those of loss + aux_loss (the aux term is in the grads). */
 #include <stdio.h>
@@ -160,6 +160,7 @@ int main(int argc, char **argv) {
   jw_num(&w, "loss", loss);
   jw_int(&w, "n_valid", m->last_n_valid);
   jw_num(&w, "aux_loss", m->last_aux_loss);
+  jw_num(&w, "idx_loss", m->last_idx_loss);
   jw_str(&w, "backend", be->name);
   jw_int(&w, "B", B);
   jw_int(&w, "T", T);

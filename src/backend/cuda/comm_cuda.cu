@@ -239,14 +239,24 @@ static void cc_all_gather_host(Comm *c, void *out, const void *in, size_t bytes)
   gather_or_die(c, out, in, bytes, "host values");
 }
 
-static ncclDataType_t nccl_type(BufKind kind, const char *what) {
+/* The NCCL type of kind, after checking that every rank passes the same n: a
+ * mismatch would hang inside NCCL (no timeout there); one host gather per
+ * collective (a few per step) turns it into one clear line. */
+static ncclDataType_t nccl_type(Comm *c, BufKind kind, size_t n, const char *what) {
   if (kind != BUF_ACT && kind != BUF_F32)
     nmoe_fatal("comm cuda: %s supports ACT and F32 buffers (got kind %d)", what, (int)kind);
+  uint64_t mine = n, *all = (uint64_t *)xmalloc(sizeof *all * (size_t)c->world);
+  gather_or_die(c, all, &mine, sizeof mine, what);
+  for (int r = 1; r < c->world; r++)
+    if (all[r] != all[0])
+      nmoe_fatal("comm cuda: %s sizes differ: rank %d has %llu elements, rank 0 %llu", what, r,
+                 (unsigned long long)all[r], (unsigned long long)all[0]);
+  free(all);
   return kind == BUF_ACT ? ncclBfloat16 : ncclFloat32;
 }
 
 static void cc_all_reduce(Comm *c, void *buf, size_t n, BufKind kind) {
-  ncclDataType_t t = nccl_type(kind, "all_reduce");
+  ncclDataType_t t = nccl_type(c, kind, n, "all_reduce");
   if (n == 0) return;
   CudaComm *k = impl(c);
   NCCL_CHECK(ncclAllReduce(buf, buf, n, t, ncclSum, k->nccl, k->stream));
@@ -262,7 +272,7 @@ static size_t zero_slice(Comm *c, size_t n, const char *what) {
 }
 
 static void cc_reduce_scatter(Comm *c, void *buf, size_t n, BufKind kind) {
-  ncclDataType_t t = nccl_type(kind, "reduce_scatter");
+  ncclDataType_t t = nccl_type(c, kind, n, "reduce_scatter");
   size_t len = zero_slice(c, n, "reduce_scatter");
   if (len == 0) return;
   CudaComm *k = impl(c);
@@ -271,7 +281,7 @@ static void cc_reduce_scatter(Comm *c, void *buf, size_t n, BufKind kind) {
 }
 
 static void cc_all_gather(Comm *c, void *buf, size_t n, BufKind kind) {
-  ncclDataType_t t = nccl_type(kind, "all_gather");
+  ncclDataType_t t = nccl_type(c, kind, n, "all_gather");
   size_t len = zero_slice(c, n, "all_gather");
   if (len == 0) return;
   CudaComm *k = impl(c);
