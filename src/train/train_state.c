@@ -264,6 +264,7 @@ void train_state_restore(Model *m, Loader *loader, const Config *cfg, const Dist
   }
   if (m->n_moe)
     be->put(be, m->router_bias, BUF_F32, m->router_bias_host, (size_t)m->n_moe * m->d.E);
+  model_quant_refresh(m); /* the fp8/nvfp4 expert cache follows the restored weights */
   const Json *cursor = json_get(l->meta, "loader");
   if (!cursor) nmoe_fatal("checkpoint %s has no loader cursor", where);
   char *cursor_text = json_dump(cursor);
