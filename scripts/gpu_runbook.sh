@@ -37,6 +37,7 @@ for s in $sections; do
     step test_ops 120 $B/gpu/test_ops
     step test_norm_moe 120 $B/gpu/test_norm_moe
     step test_attn 120 $B/gpu/test_attn
+    step test_quant 120 $B/gpu/test_quant
     ;;
   oracle)
     step oracle 300 bash tests/torch_ref/run_oracle.sh $B/gpu/model_dump /tmp/nmoe_oracle
