@@ -49,6 +49,9 @@ for s in $sections; do
     cpu_pid=$!
     step curve_cuda 120 env NMOE_RUN=curve_cuda $B/nmoe train configs/tiny.toml --device=cuda $common --checkpoint_dir=/tmp/ck_cuda
     step curve_cuda_rerun 120 env NMOE_RUN=curve_cuda2 $B/nmoe train configs/tiny.toml --device=cuda $common --checkpoint_dir=/tmp/ck_cuda2
+    # fp8 / nvfp4 expert numerics on the GPU (emulated through bf16 GEMMs)
+    step curve_fp8 120 env NMOE_RUN=curve_fp8 $B/nmoe train configs/tiny.toml --device=cuda --dtype=fp8 $common --checkpoint_dir=/tmp/ck_fp8
+    step curve_nvfp4 120 env NMOE_RUN=curve_nvfp4 $B/nmoe train configs/tiny.toml --device=cuda --dtype=nvfp4 $common --checkpoint_dir=/tmp/ck_nvfp4
     wait $cpu_pid
     echo "curve_cpu        rc=$?  $(tail -1 "$OUT/curve_cpu.log" | cut -c1-150)" | tee -a "$SUMMARY"
     step curve_compare 30 python3 - "$OUT/m" <<'PY'
@@ -61,9 +64,15 @@ worst = max(abs(cpu[s] - cuda[s]) for s in cpu)
 for s in sorted(cpu):
     print(f"step {s:4d} cpu {cpu[s]:.4f} cuda {cuda[s]:.4f} diff {cuda[s]-cpu[s]:+.4f}")
 print("cuda rerun bit-identical:", cuda == cuda2)
+quant_ok = True
+for q in ("fp8", "nvfp4"):
+    lq = losses(f"curve_{q}")
+    ok = abs(lq[max(lq)] - cuda[max(cuda)]) <= 0.05 * cuda[max(cuda)]
+    quant_ok = quant_ok and ok
+    print(f"{q}: final {lq[max(lq)]:.4f} vs bf16 {cuda[max(cuda)]:.4f} (bound 5%): {'ok' if ok else 'FAIL'}")
 print(f"max |cuda - cpu| = {worst:.4f} over {len(cpu)} logged steps (bound 0.15); "
       f"final cpu {cpu[max(cpu)]:.4f} cuda {cuda[max(cuda)]:.4f}")
-sys.exit(0 if worst < 0.15 and cuda == cuda2 else 1)
+sys.exit(0 if worst < 0.15 and cuda == cuda2 and quant_ok else 1)
 PY
     ;;
   resume)

@@ -223,7 +223,8 @@ struct Backend {
    * block is 32 consecutive k of one (outer, inner) column, one E8M0 scale per
    * block. inner = 1: rows of K (activations [rows, K]); inner = N: down the
    * columns of [K, N] matrices (weights [E, K, N], blocks along K). K % 32 == 0.
-   * Every decoded value is exact in bf16, so all backends agree bit for bit. */
+   * Every decoded value is exact in bf16, so all backends agree bit for bit
+   * (finite inputs above ~2.9e38 may decode to infinity: see cpu/quant.h). */
   void (*quantize_blocks)(Backend *be, void *q, const void *x, int outer, int K, int inner,
                           int fmt);
 

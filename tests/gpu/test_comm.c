@@ -1,10 +1,12 @@
-/* test_comm.c: checks the "cuda" comm transport (NCCL all_reduce, RDEP
+/* test_comm.c: checks the "cuda" comm transport (NCCL collectives, RDEP
  * put_rows over CUDA IPC) with one process per GPU:
  *   nmoe launch -n 2 -- build/cuda/gpu/test_comm   (and -n 4)
  *
  * all_reduce: F32 and ACT (bf16) inputs are small multiples of 1/4 chosen so
  * that every partial sum is exact in bf16, so the result must equal the
  * expected sum exactly, and be bit-identical on all ranks (hash compare).
+ * reduce_scatter + all_gather (ZeRO): this rank's slice holds the exact sum,
+ * then every slice its owner's values (NCCL's in-place slice offsets).
  * put_rows: a plan of segments known to every rank (same seed) with zero-row
  * segments, self puts, gaps, odd row sizes (6: byte path, 4100 and a 4-byte
  * offset src: 4-byte path, 14336: 16-byte path) and big segments; each rank
@@ -84,6 +86,45 @@ static void test_all_reduce(BufKind kind, size_t n) {
     if (h[i] != want && bad++ == 0) first = (long long)i;
   }
   if (bad) fail(what, "%lld wrong elements, first at %lld", bad, first);
+  size_t bytes = n * be->size[kind];
+  void *raw = xmalloc(bytes + 1);
+  be->download(be, raw, buf, bytes);
+  check_identical(what, raw, bytes);
+  free(raw);
+  be->free(be, buf);
+  free(h);
+}
+
+/* ---- ZeRO: reduce_scatter, then all_gather ---- */
+
+/* reduce_scatter leaves the exact sum in this rank's slice; all_gather then
+ * gives every rank every owner's slice (tags exact in bf16 and fp32). */
+static void test_zero(BufKind kind, size_t len) {
+  char what[64];
+  snprintf(what, sizeof what, "zero %s len=%zu", kind == BUF_ACT ? "ACT" : "F32", len);
+  const size_t n = len * (size_t)world;
+  float *h = xmalloc(n * sizeof(float) + 4);
+  for (size_t i = 0; i < n; i++) h[i] = ar_value(rank, i);
+  void *buf = be->alloc(be, n * be->size[kind] + 16);
+  be->put(be, buf, kind, h, n);
+  comm->reduce_scatter(comm, buf, n, kind);
+  be->get(be, h, kind, buf, n);
+  long long bad = 0, first = -1;
+  for (size_t i = (size_t)rank * len; i < (size_t)(rank + 1) * len; i++) {
+    float want = 0;
+    for (int r = 0; r < world; r++) want += ar_value(r, i);
+    if (h[i] != want && bad++ == 0) first = (long long)i;
+  }
+  if (bad) fail(what, "reduce_scatter: %lld wrong elements, first at %lld", bad, first);
+  for (size_t i = 0; i < n; i++)
+    h[i] = i / len == (size_t)rank ? (float)(rank * 64 + (int)(i % 64)) * 0.25f : -1.0f;
+  be->put(be, buf, kind, h, n);
+  comm->all_gather(comm, buf, n, kind);
+  be->get(be, h, kind, buf, n);
+  bad = 0;
+  for (size_t i = 0; i < n; i++)
+    if (h[i] != (float)((int)(i / len) * 64 + (int)(i % 64)) * 0.25f && bad++ == 0) first = (long long)i;
+  if (bad) fail(what, "all_gather: %lld wrong elements, first at %lld", bad, first);
   size_t bytes = n * be->size[kind];
   void *raw = xmalloc(bytes + 1);
   be->download(be, raw, buf, bytes);
@@ -260,6 +301,10 @@ int main(void) {
   test_all_reduce(BUF_ACT, 1);
   test_all_reduce(BUF_ACT, 4099);
   test_all_reduce(BUF_ACT, 5000011);
+  test_zero(BUF_F32, 1);
+  test_zero(BUF_F32, 4099);
+  test_zero(BUF_ACT, 1);
+  test_zero(BUF_ACT, 4099);
 
   test_put(1, 14336, 300, 200, 0);   /* model rows, 16-byte path */
   test_put(2, 6, 500, 300, 0);       /* byte path */

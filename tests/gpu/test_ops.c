@@ -635,6 +635,7 @@ int main(int argc, char **argv) {
   test_add_sumsq(&g);
   test_bias(&g, 300, 136);
   test_bias(&g, 1000, 37);
+  test_bias(&g, 70, 600); /* more columns than one block of threads */
   test_embed(&g, 136);
   test_embed(&g, 100);
   test_swiglu(&g, 96);

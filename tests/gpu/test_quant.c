@@ -139,6 +139,7 @@ int main(void) {
     check(8, 256, 384, fmt);   /* W13 [E, D, 2Fm]: blocks down the columns */
     check(8, 192, 256, fmt);   /* W2 [E, Fm, D] */
     check(3, 32, 7, fmt);
+    check(8192, 160, 1, fmt);  /* more blocks than one grid: the grid-stride loop repeats */
   }
   printf("%d passed, %d failed\n", npass, nfail);
   gpu->destroy(gpu);

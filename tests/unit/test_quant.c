@@ -3,7 +3,8 @@
  * element encoders (max, subnormals, ties to even, saturation, negative zero,
  * NaN), every code round-trips, the E8M0 scale rule, block edge cases (amax 0,
  * NaN/Inf blocks, the smallest scale), the column-blocked view against a
- * transpose, aliasing, and the packed form decoding to the fake-quant output. */
+ * transpose, aliasing, the packed form decoding to the fake-quant output, and
+ * the finite range. */
 #include <math.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -148,6 +149,27 @@ static void test_block_edges(void **state) {
   be->destroy(be);
 }
 
+/* Finite inputs below the documented limit (2.9e38) decode finite, in both
+ * formats, for blocks whose amax sweeps the top of the float range; and the
+ * limit is real: bf16's largest value overflows in FP8. */
+static void test_range(void **state) {
+  (void)state;
+  Backend *be = backend_cpu();
+  enum { K = 32 };
+  float x[K], q[K];
+  for (int f = F8; f <= F4; f++) {
+    for (double top = 1e30; top < 2.9e38; top *= 1.0007) {
+      for (int i = 0; i < K; i++) x[i] = (float)(top * (1.0 - i / 64.0)) * (i % 2 ? -1 : 1);
+      fake(be, q, x, 1, K, 1, f);
+      for (int i = 0; i < K; i++) assert_true(isfinite(q[i]));
+    }
+  }
+  for (int i = 0; i < K; i++) x[i] = 3.3895314e38f; /* bf16 max (0x7F7F) */
+  fake(be, q, x, 1, K, 1, F8);
+  assert_true(isinf(q[0]));
+  be->destroy(be);
+}
+
 /* [E, K, N] blocked down the columns equals transposing, blocking rows, and
  * transposing back. */
 static void test_column_blocks(void **state) {
@@ -206,6 +228,7 @@ int main(void) {
       cmocka_unit_test(test_e4m3_hand_values), cmocka_unit_test(test_e2m1_hand_values),
       cmocka_unit_test(test_scale_rule),       cmocka_unit_test(test_block_edges),
       cmocka_unit_test(test_column_blocks),    cmocka_unit_test(test_packed_form),
+      cmocka_unit_test(test_range),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -15,6 +15,10 @@
  *           every decoded value is exact in bf16 (and float, double).
  *           E8M0 byte = e + 127. A block holding a NaN or an infinity gets the
  *           byte 0xFF (E8M0 NaN) and every element decodes to NaN.
+ *           Range: rounding up may decode a block's largest element to the
+ *           next power of two, so finite inputs above ~2.9e38 (within 13% of
+ *           the bf16/float maximum) can decode to infinity; below that every
+ *           finite input decodes finite (tested).
  *  element  v = x / 2^e rounded to nearest, ties to even, into the format;
  *           |v| > Q saturates to +-Q (infinities too). Negative zero keeps
  *           its sign. Codes:
