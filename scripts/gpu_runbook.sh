@@ -17,7 +17,9 @@ set -u
 OUT=${OUT:-/tmp/nmoe_out}
 mkdir -p "$OUT"
 B=build/cuda
-export LD_LIBRARY_PATH=/usr/local/cuda/lib64:$PWD/$B/devlib:${LD_LIBRARY_PATH:-}
+# nmoe links NCCL: on the GPU machine it comes from the PyTorch install (the 200 MB
+# library does not travel with the build), so every binary needs this path.
+export LD_LIBRARY_PATH=/usr/local/cuda/lib64:$PWD/$B/devlib:${LD_LIBRARY_PATH:-}:/opt/torch/.venv/lib/python3.12/site-packages/nvidia/nccl/lib
 export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1
 SUMMARY="$OUT/summary.txt"
 : >"$SUMMARY"
@@ -114,8 +116,6 @@ PY
       --steps 6 --warmup 2 --time-budget-s 360
     ;;
   multi)
-    # NCCL from the PyTorch install (the 200 MB library does not travel with the build)
-    export LD_LIBRARY_PATH=$LD_LIBRARY_PATH:/opt/torch/.venv/lib/python3.12/site-packages/nvidia/nccl/lib
     G=$(nvidia-smi -L | wc -l)
     L="$B/nmoe launch -n"
     step test_comm2 120 $L 2 -- $B/gpu/test_comm
