@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # gpu_runbook.sh: GPU checks and benchmarks in one call on the GPU machine
-# (run there after scripts/gpu_bundle.sh here). Sections (any subset, in order):
+# (run there after scripts/gpu_bundle.sh here; carry ["build/cuda/bundle.tgz"]).
+# Sections (any subset, in order):
 #   ops     op-by-op CUDA vs CPU checks (tests/gpu)
 #   oracle  whole-model loss/grad dumps (CPU fp32, CUDA bf16) vs the PyTorch oracle
 #   curve   tiny.toml on the Brown sample: 200 steps CUDA vs CPU loss curves
@@ -14,6 +15,8 @@
 #           speedrun super (bench train on 1, 2, 4 GPUs)
 # Logs go to $OUT/<name>.log; a summary is printed last.
 set -u
+# The archive scripts/gpu_bundle.sh made here (the only carried path).
+[ -f build/cuda/bundle.tgz ] && tar xzf build/cuda/bundle.tgz
 OUT=${OUT:-/tmp/nmoe_out}
 mkdir -p "$OUT"
 B=build/cuda
