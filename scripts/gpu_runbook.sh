@@ -123,7 +123,7 @@ PY
     L="$B/nmoe launch -n"
     step test_comm2 120 $L 2 -- $B/gpu/test_comm
     [ "$G" -ge 4 ] && step test_comm4 120 $L 4 -- $B/gpu/test_comm
-    step bench_rdep 240 $L "$G" -- $B/gpu/bench_rdep
+    step bench_rdep 240 $L "$G" -- $B/nmoe bench rdep --device cuda
     common="--steps=60 --log_every=1 --checkpoint_every=0 --resume=false --metrics_dir=$OUT/m --experiments_db=$OUT/e.db --device=cuda"
     step eq_1gpu 120 env NMOE_RUN=eq1 $B/nmoe train configs/tiny.toml $common --checkpoint_dir=/tmp/ck_eq1
     step eq_ngpu 120 env NMOE_RUN=eqn $L "$G" -- $B/nmoe train configs/tiny.toml $common --checkpoint_dir=/tmp/ck_eqn

@@ -6,6 +6,7 @@
 #include "core/log.h"
 #include "data/data_cli.h"
 #include "data/tokenizer.h"
+#include "dist/bench_rdep.h"
 #include "dist/launch.h"
 #include "eval/eval.h"
 #include "train/ckpt.h"
@@ -31,8 +32,10 @@ static int version_main(int argc, char **argv) {
 static int bench_main(int argc, char **argv) {
   if (argc >= 2 && !strcmp(argv[1], "tokenizer")) return tok_bench_main(argc - 1, argv + 1);
   if (argc >= 2 && !strcmp(argv[1], "train")) return bench_train_main(argc - 1, argv + 1);
+  if (argc >= 2 && !strcmp(argv[1], "rdep")) return bench_rdep_main(argc - 1, argv + 1);
   fprintf(stderr, "usage: nmoe bench tokenizer [FILE] [--encoding NAME]\n"
-                  "       nmoe bench train CONFIG [--steps N] [--warmup W] [--key=value ...]\n");
+                  "       nmoe bench train CONFIG [--steps N] [--warmup W] [--key=value ...]\n"
+                  "       nmoe launch -n N -- nmoe bench rdep [--device cuda|cpu] [--tokens LIST] ...\n");
   return 2;
 }
 
@@ -47,7 +50,7 @@ static const Command COMMANDS[] = {
     {"data", data_main, "prepare, verify and inspect token shards (prep|verify|info|inspect|regenerate-index)"},
     {"eval", eval_main, "score multiple-choice tasks on a checkpoint: nmoe eval CONFIG [--checkpoint-dir DIR] [--step N]"},
     {"ckpt", ckpt_main, "inspect checkpoints (list|info|verify)"},
-    {"bench", bench_main, "benchmarks printing one JSON line per measurement (tokenizer, train)"},
+    {"bench", bench_main, "benchmarks printing one JSON line per measurement (tokenizer, train, rdep)"},
     {"launch", launch_main, "run N ranks of a command on this host: nmoe launch -n N [--] CMD [ARGS...]"},
     {"viz", viz_main, "metrics dashboard over HTTP: nmoe viz [--metrics-dir DIR] [--port N]"},
     {"version", version_main, "print the version and compiled backends"},

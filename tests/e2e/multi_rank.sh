@@ -115,6 +115,12 @@ echo "ok: 3 kills of rank 1, resumed from step $latest"
 [ "$(grep -c '"bench":"train"' "$T/bench.log")" -eq 1 ] && grep -q '"world":2' "$T/bench.log" ||
   { cat "$T/bench.log"; die "bench train on 2 ranks: expected one JSON line with world 2"; }
 
+# bench rdep on CPU ranks: a JSON line per token count and the peer-copy line.
+"$NMOE" launch -n 2 -- "$NMOE" bench rdep --device cpu --tokens 32,64 --hidden 256 --iters 2 \
+  --peer-copy-mib 2 >"$T/rdep.log" 2>&1 || { cat "$T/rdep.log"; die "bench rdep on 2 ranks failed"; }
+[ "$(grep -c '"bench":"rdep"' "$T/rdep.log")" -eq 2 ] && grep -q '"bench":"rdep_peer_copy"' "$T/rdep.log" ||
+  { cat "$T/rdep.log"; die "bench rdep: expected 2 rdep lines and a peer-copy line"; }
+
 # Bad set-ups: one line, non-zero exit, nothing hangs.
 expect_fail() { # pattern, ranks, extra args...
   local pat=$1 n=$2; shift 2

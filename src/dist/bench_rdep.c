@@ -1,17 +1,19 @@
-/* bench_rdep.c: MoE dispatch + combine through put_rows (RDEP) on the cuda
- * transport, one process per GPU:
- *   nmoe launch -n 4 -- build/cuda/gpu/bench_rdep
+/* bench_rdep.c: `nmoe bench rdep`: MoE dispatch + combine through put_rows
+ * (RDEP), one process per GPU (or CPU rank):
+ *   nmoe launch -n 4 -- nmoe bench rdep [--device cuda|cpu] [--tokens 128,512,4096]
+ *       [--hidden 7168] [--iters 50] [--peer-copy-mib 1024]
  *
- * Shape of the DeepSeek-V3 targets: T tokens per rank (128, 512, 4096),
- * hidden 7168 bf16 (rows of 14336 bytes), top-8 of 256 experts spread evenly
- * over the ranks, random routing from a fixed seed. Dispatch puts every
- * (token, slot) row to its expert's owner (the sender's rows already grouped
- * by destination: one segment per peer, landing after the rows of lower
- * ranks); combine puts them back. 5 warm-up rounds, then 50 timed with CUDA
- * events. Rank 0 prints one JSON line per size; gbps_per_gpu = bytes each GPU
- * sends to other GPUs (average over ranks) in dispatch + combine / time.
- * A last line times one 1 GiB put to the next rank (all ranks at once): the
- * NVLink ceiling. */
+ * Defaults are the DeepSeek-V3 targets' shape: T tokens per rank (128, 512,
+ * 4096), hidden 7168 (rows of 14336 bytes in bf16), top-8 of 256 experts
+ * spread evenly over the ranks, random routing from a fixed seed. Dispatch
+ * puts every (token, slot) row to its expert's owner (the sender's rows
+ * already grouped by destination: one segment per peer, landing after the
+ * rows of lower ranks); combine puts them back. 5 warm-up rounds, then
+ * --iters timed with the backend's phase marks (CUDA events on a GPU, so
+ * nothing syncs inside the timed loop). Rank 0 prints one JSON line per size;
+ * gbps_per_gpu = bytes each rank sends to other ranks (average over ranks) in
+ * dispatch + combine / time. A last line times one put of --peer-copy-mib to
+ * the next rank (all ranks at once): the link's ceiling. */
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -19,17 +21,16 @@
 
 #include "backend/backend.h"
 #include "core/log.h"
+#include "dist/bench_rdep.h"
 #include "dist/comm.h"
 #include "dist/dist.h"
 
-#define HIDDEN 7168
 #define TOPK 8
 #define EXPERTS 256
 #define WARMUP 5
-#define ITERS 50
 #define MAXW 8
 
-static int rank, world;
+static int rank, world, hidden = 7168, iters = 50;
 static Backend *be;
 static Comm *comm;
 
@@ -68,22 +69,25 @@ static void time_rounds(void (*fn)(void *), void *arg, const char **want, double
   const char *names[8];
   double ms[8];
   be->phase_report(be, names, ms, 8); /* drop marks of the warm-up */
-  for (int i = 0; i < ITERS; i++) fn(arg);
+  for (int i = 0; i < iters; i++) fn(arg);
   int got = be->phase_report(be, names, ms, 8);
   for (int j = 0; j < n; j++) {
     us[j] = -1;
     for (int i = 0; i < got; i++)
-      if (strcmp(names[i], want[j]) == 0) us[j] = ms[i] * 1000.0 / ITERS;
-    if (us[j] < 0) nmoe_fatal("bench_rdep: phase %s was not timed", want[j]);
+      if (strcmp(names[i], want[j]) == 0) us[j] = ms[i] * 1000.0 / iters;
+    if (us[j] < 0) nmoe_fatal("bench rdep: phase %s was not timed", want[j]);
   }
 }
+
+/* Bytes of one row: hidden activations in the backend's ACT dtype. */
+static size_t m_row_bytes(void) { return (size_t)hidden * be->size[BUF_ACT]; }
 
 /* One dispatch + combine problem. */
 typedef struct Moe {
   size_t row_bytes;
-  void *send;     /* local (T*TOPK, HIDDEN) rows grouped by destination rank */
-  void *recv;     /* symmetric (max rows any rank receives, HIDDEN) */
-  void *back;     /* symmetric (T*TOPK, HIDDEN): combine lands here */
+  void *send;     /* local (T*TOPK, hidden) rows grouped by destination rank */
+  void *recv;     /* symmetric (max rows any rank receives, hidden) */
+  void *back;     /* symmetric (T*TOPK, hidden): combine lands here */
   CommSeg disp[MAXW], comb[MAXW];
   int ndisp, ncomb;
 } Moe;
@@ -106,13 +110,13 @@ static void bench_moe(int T) {
     int64_t in = 0;
     for (int s = 0; s < world; s++) {
       in += cnt[s * world + r];
-      if (s != r) peer_bytes += 2 * cnt[s * world + r] * HIDDEN * 2; /* dispatch + combine */
+      if (s != r) peer_bytes += 2 * cnt[s * world + r] * (int64_t)m_row_bytes(); /* dispatch + combine */
     }
     if (in > recv_rows) recv_rows = in;
   }
   Moe m;
   memset(&m, 0, sizeof m);
-  m.row_bytes = HIDDEN * 2;
+  m.row_bytes = m_row_bytes();
   size_t rows = (size_t)T * TOPK;
   m.send = be->alloc(be, rows * m.row_bytes);
   m.recv = comm->sym_alloc(comm, (size_t)recv_rows * m.row_bytes);
@@ -142,7 +146,7 @@ static void bench_moe(int T) {
   if (rank == 0)
     printf("{\"bench\":\"rdep\",\"world\":%d,\"tokens\":%d,\"hidden\":%d,\"topk\":%d,"
            "\"dispatch_us\":%.1f,\"combine_us\":%.1f,\"total_us\":%.1f,\"gbps_per_gpu\":%.1f}\n",
-           world, T, HIDDEN, TOPK, us[0], us[1], total,
+           world, T, hidden, TOPK, us[0], us[1], total,
            (double)peer_bytes / world / (total * 1e-6) / 1e9);
   be->free(be, m.send);
 }
@@ -159,35 +163,70 @@ static void copy_round(void *arg) {
   be->phase(be, "idle");
 }
 
-/* 1 GiB (1024 rows of 1 MiB) to the next rank, all ranks at once. */
-static void bench_peer_copy(void) {
-  Copy c = {be->alloc(be, (size_t)1 << 30), comm->sym_alloc(comm, (size_t)1 << 30),
-            {(rank + 1) % world, 0, 0, 1024}};
+/* mib rows of 1 MiB to the next rank, all ranks at once. */
+static void bench_peer_copy(int mib) {
+  const size_t bytes = (size_t)mib << 20;
+  Copy c = {be->alloc(be, bytes), comm->sym_alloc(comm, bytes), {(rank + 1) % world, 0, 0, mib}};
   const char *want[1] = {"copy"};
   double us;
   time_rounds(copy_round, &c, want, &us, 1);
   if (rank == 0)
-    printf("{\"bench\":\"rdep_peer_copy\",\"world\":%d,\"bytes\":%llu,\"us\":%.1f,\"gbps\":%.1f}\n",
-           world, 1ull << 30, us, (double)(1ull << 30) / (us * 1e-6) / 1e9);
+    printf("{\"bench\":\"rdep_peer_copy\",\"world\":%d,\"bytes\":%zu,\"us\":%.1f,\"gbps\":%.1f}\n",
+           world, bytes, us, (double)bytes / (us * 1e-6) / 1e9);
   be->free(be, c.src);
 }
 
-int main(void) {
+static void usage_exit(void) {
+  fprintf(stderr, "usage: nmoe launch -n N -- nmoe bench rdep [--device cuda|cpu] [--tokens 128,512,4096]\n"
+                  "           [--hidden 7168] [--iters 50] [--peer-copy-mib 1024]\n");
+  exit(2);
+}
+
+/* A positive integer option value, or a usage error. */
+static int arg_int(const char *v, const char *name) {
+  char *end;
+  long x = strtol(v, &end, 10);
+  if (*end || x < 1 || x > (1 << 24)) {
+    fprintf(stderr, "nmoe bench rdep: %s must be a positive integer (got '%s')\n", name, v);
+    exit(2);
+  }
+  return (int)x;
+}
+
+int bench_rdep_main(int argc, char **argv) {
+  const char *device = "cuda", *tokens = "128,512,4096";
+  int copy_mib = 1024;
+  for (int i = 1; i < argc; i++) {
+    const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+    if (!strcmp(a, "--help") || !strcmp(a, "-h")) usage_exit();
+    if (!v) usage_exit();
+    if (!strcmp(a, "--device")) device = v;
+    else if (!strcmp(a, "--tokens")) tokens = v;
+    else if (!strcmp(a, "--hidden")) hidden = arg_int(v, "--hidden");
+    else if (!strcmp(a, "--iters")) iters = arg_int(v, "--iters");
+    else if (!strcmp(a, "--peer-copy-mib")) copy_mib = arg_int(v, "--peer-copy-mib");
+    else usage_exit();
+    i++;
+  }
   setvbuf(stdout, NULL, _IOLBF, 0);
   DistInfo di = dist_from_env();
-  if (di.world < 2 || di.world > MAXW || EXPERTS % di.world) {
-    fprintf(stderr, "bench_rdep: needs 2, 4 or 8 ranks, one per GPU (nmoe launch -n 4 -- "
-                    "build/cuda/gpu/bench_rdep); world is %d\n", di.world);
-    return 1;
-  }
+  if (di.world < 2 || di.world > MAXW || EXPERTS % di.world)
+    nmoe_fatal("bench rdep needs 2, 4 or 8 ranks (nmoe launch -n 4 -- nmoe bench rdep); world is %d",
+               di.world);
   rank = di.rank;
   world = di.world;
-  be = backend_open("cuda", di.local_rank);
+  be = backend_open(device, di.local_rank);
   comm = comm_open(&di, be);
-  if (!be->phase || !be->phase_report) nmoe_fatal("bench_rdep: the backend has no phase timing");
-  int sizes[] = {128, 512, 4096};
-  for (int i = 0; i < 3; i++) bench_moe(sizes[i]);
-  bench_peer_copy();
+  if (!be->phase || !be->phase_report) nmoe_fatal("bench rdep: the %s backend has no phase timing", be->name);
+  for (const char *p = tokens; *p;) {
+    char *end;
+    long T = strtol(p, &end, 10);
+    if (end == p || T < 1 || T > (1 << 20) || (*end && *end != ','))
+      nmoe_fatal("bench rdep: --tokens wants a comma list of token counts (got '%s')", tokens);
+    bench_moe((int)T);
+    p = *end ? end + 1 : end;
+  }
+  bench_peer_copy(copy_mib);
   be->sync(be);
   comm->destroy(comm);
   be->destroy(be);
