@@ -463,6 +463,9 @@ int config_validate(const Config *c, char *err, size_t errlen) {
   if (!*c->data_path && !*c->flow_mode)
     BAD("no data source: set data_path (direct mode) or flow_mode with mixture_toml and flow_profiles_toml");
   NEED_FLOAT(active_params_b, >= 0, ">= 0");
+  NEED_FLOAT(target_loss, >= 0, ">= 0 (0 = off)");
+  if (c->target_loss > 0 && !c->validation_enabled)
+    BAD("target_loss needs validation (validation_enabled = true): it stops on the validation loss");
   if (c->validation_enabled) {
     if (!*c->validation_data_path) BAD("validation_enabled needs validation_data_path");
     NEED_INT(validation_every, > 0, "> 0");

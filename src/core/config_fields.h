@@ -109,6 +109,7 @@ X(BOOL,  validation_enabled,      false,           0,          "run validation d
 X(STR,   validation_data_path,    "",              0,          "directory of validation .npy shards")
 X(INT,   validation_every,        500,             0,          "validate every N steps")
 X(INT,   validation_steps,        100,             0,          "batches per validation")
+X(FLOAT, target_loss,             0.0,             0,          "stop once the validation loss is <= this (0 = off; speedrun target 3.28)")
 /* ---- metrics ---- */
 X(STR,   metrics_dir,             "/data/metrics", 0,          "per-rank metrics databases")
 X(STR,   experiments_db,          "/data/experiments.db", 0,   "SQLite experiments/runs database")

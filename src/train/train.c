@@ -164,8 +164,8 @@ static uint16_t *token_byte_lengths(const Config *cfg) {
 /* Mean loss over validation_steps batches read from the start of
  * validation_data_path (the same batches every time), plus bits per byte:
  * summed loss in bits over the UTF-8 bytes of the scored target tokens. */
-static void validate(Model *m, const Config *cfg, const DistInfo *di, int64_t step, Metrics *mx,
-                     const uint16_t *tok_bytes) {
+static double validate(Model *m, const Config *cfg, const DistInfo *di, int64_t step, Metrics *mx,
+                       const uint16_t *tok_bytes) {
   char err[512];
   Loader *vl = loader_open(cfg, cfg->validation_data_path, di->rank, di->world, err, sizeof err);
   if (!vl) nmoe_fatal("validation data: %s", err);
@@ -192,6 +192,7 @@ static void validate(Model *m, const Config *cfg, const DistInfo *di, int64_t st
   metrics_log(mx, "validation/loss", step, loss);
   metrics_log(mx, "validation/ppl", step, exp(loss));
   if (bytes > 0) metrics_log(mx, "validation/bpb", step, bpb);
+  return loss;
 }
 
 /* ---------------------------------------------------------------- main loop */
@@ -385,8 +386,12 @@ int train_main(int argc, char **argv) {
       wait_window = 0;
       steps_in_window = 0;
     }
-    if (do_validate && (s % cfg.validation_every == 0 || s == cfg.steps))
-      validate(m, &cfg, &di, s, rec.metrics, tok_bytes);
+    int reached = 0; /* the validation loss met target_loss: a checkpoint, then stop */
+    if (do_validate && (s % cfg.validation_every == 0 || s == cfg.steps)) {
+      double vloss = validate(m, &cfg, &di, s, rec.metrics, tok_bytes);
+      reached = cfg.target_loss > 0 && vloss <= cfg.target_loss; /* global loss: every rank agrees */
+      last = last || reached;
+    }
     if (cfg.eval_every > 0 && s % cfg.eval_every == 0) {
       double ms = eval_suite_score(m, evals, B, T, cfg.eval_budget_max_time_s, eval_res);
       eval_report(rec.metrics, s, eval_res, evals->n);
@@ -416,6 +421,11 @@ int train_main(int argc, char **argv) {
     if (stop) {
       log_warn("stopping on a signal after step %lld (checkpoint saved)", (long long)s);
       status = "killed";
+      break;
+    }
+    if (reached) {
+      log_info("target_loss %.4f reached at step %lld (checkpoint saved)", cfg.target_loss,
+               (long long)s);
       break;
     }
   }
