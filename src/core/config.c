@@ -223,12 +223,29 @@ static int load_toml(Config *c, const char *path, bool *set, char *err, size_t e
   return rc;
 }
 
+/* var = NMOE_<FIELD> (upper case) of field f. */
+static void env_name(const Field *f, char var[128]) {
+  memset(var, 0, 128);
+  memcpy(var, "NMOE_", 5);
+  for (size_t j = 0; f->name[j] && j + 6 < 128; j++) var[5 + j] = (char)toupper((unsigned char)f->name[j]);
+}
+
+int config_env_is_override(const char *entry) {
+  char var[128];
+  for (int i = 0; i < NFIELDS; i++) {
+    env_name(&FIELDS[i], var);
+    size_t n = strlen(var);
+    if (!strncmp(entry, var, n) && entry[n] == '=') return 1;
+  }
+  return 0;
+}
+
 /* NMOE_<FIELD> for every known field; other NMOE_* variables are not config. */
 static int load_env(Config *c, bool *set, char *err, size_t errlen) {
   for (int i = 0; i < NFIELDS; i++) {
     const Field *f = &FIELDS[i];
-    char var[128] = "NMOE_";
-    for (size_t j = 0; f->name[j] && j + 6 < sizeof var; j++) var[5 + j] = (char)toupper((unsigned char)f->name[j]);
+    char var[128];
+    env_name(f, var);
     const char *val = getenv(var);
     if (!val) continue;
     char src[160];
@@ -464,6 +481,9 @@ int config_validate(const Config *c, char *err, size_t errlen) {
     BAD("no data source: set data_path (direct mode) or flow_mode with mixture_toml and flow_profiles_toml");
   NEED_FLOAT(active_params_b, >= 0, ">= 0");
   NEED_FLOAT(target_loss, >= 0, ">= 0 (0 = off)");
+  NEED_INT(eval_every, >= 0, ">= 0 (0 = off)");
+  NEED_INT(eval_budget_max_examples, > 0, "> 0");
+  NEED_FLOAT(eval_budget_max_time_s, >= 0, ">= 0 (0 = no limit)");
   if (c->target_loss > 0 && !c->validation_enabled)
     BAD("target_loss needs validation (validation_enabled = true): it stops on the validation loss");
   if (c->validation_enabled) {

@@ -39,6 +39,9 @@ void config_defaults(Config *c);
  * and returns -1. */
 int config_load(Config *c, const char *path, int argc, char **argv, char *err, size_t errlen);
 
+/* 1 when an environment entry "NAME=value" is a config override NMOE_<FIELD>. */
+int config_env_is_override(const char *entry);
+
 /* Semantic checks (ranges, divisibility, unsupported combinations). */
 int config_validate(const Config *c, char *err, size_t errlen);
 

@@ -21,6 +21,15 @@ void eval_check_mode(const Config *cfg) {
   const char *m = cfg->eval_mode;
   if (strcmp(m, "inline") && strcmp(m, "reserved_gpu") && strcmp(m, "k8s_job"))
     nmoe_fatal("eval_mode must be inline, reserved_gpu or k8s_job (got '%s')", m);
+  if (!strcmp(m, "reserved_gpu") && cfg->eval_reserved_gpu_id < 0)
+    nmoe_fatal("eval_reserved_gpu_id must be a GPU index >= 0 for eval_mode = reserved_gpu (got %lld)",
+               (long long)cfg->eval_reserved_gpu_id);
+}
+
+/* Reaps finished detached evals: the trainer may be init (PID 1 of a
+ * container), which inherits them. */
+static void reap_evals(void) {
+  while (waitpid(-1, NULL, WNOHANG) > 0) {}
 }
 
 /* Absolute form of an existing path (the path itself if that fails). */
@@ -45,16 +54,24 @@ static char *config_text(const Config *cfg, size_t *len) {
  * needs is built before fork: only exec-safe calls run after it. */
 static pid_t spawn_eval(const Config *cfg, const char *cfg_path, int64_t step, const char *out,
                         const char *log_path, int cuda_dev) {
-  char stepbuf[32], dev[64];
+  char stepbuf[32], dev[64], exe[PATH_MAX];
   snprintf(stepbuf, sizeof stepbuf, "%lld", (long long)step);
+  /* The binary's real path, so the process shows as nmoe (not "exe"). */
+  ssize_t el = readlink("/proc/self/exe", exe, sizeof exe - 1);
+  if (el <= 0) snprintf(exe, sizeof exe, "/proc/self/exe");
+  else exe[el] = 0;
   char *argv[] = {"nmoe", "eval", (char *)cfg_path, "--checkpoint-dir", cfg->checkpoint_dir,
                   "--step", stepbuf, "--tasks", cfg->eval_tasks, "--out", (char *)out, NULL};
   size_t ne = 0;
   while (environ[ne]) ne++;
   char **envp = xcalloc(ne + 2, sizeof *envp);
   size_t k = 0;
+  /* NMOE_<FIELD> overrides are left out: the config snapshot holds the
+   * values this run resolved, and must not be overridden again. */
   for (size_t i = 0; i < ne; i++)
-    if (cuda_dev < 0 || strncmp(environ[i], "CUDA_VISIBLE_DEVICES=", 21)) envp[k++] = environ[i];
+    if ((cuda_dev < 0 || strncmp(environ[i], "CUDA_VISIBLE_DEVICES=", 21)) &&
+        !config_env_is_override(environ[i]))
+      envp[k++] = environ[i];
   if (cuda_dev >= 0) {
     snprintf(dev, sizeof dev, "CUDA_VISIBLE_DEVICES=%d", cuda_dev);
     envp[k++] = dev;
@@ -73,7 +90,7 @@ static pid_t spawn_eval(const Config *cfg, const char *cfg_path, int64_t step, c
       if (fork() != 0) _exit(0);
     }
     if (dup2(fd, 1) < 0 || dup2(fd, 2) < 0) _exit(127);
-    execve("/proc/self/exe", argv, envp);
+    execve(exe, argv, envp);
     _exit(127);
   }
   close(fd);
@@ -124,7 +141,10 @@ static void write_ticket(const Config *cfg, const char *root, const char *cfg_pa
   JsonW w;
   jw_init(&w, 2);
   jw_obj(&w, NULL);
+  char cwd[PATH_MAX];
   jw_str(&w, "config", cfg_path);
+  /* relative paths inside the config (tasks file, data) are the trainer's */
+  jw_str(&w, "cwd", getcwd(cwd, sizeof cwd) ? cwd : ".");
   jw_str(&w, "checkpoint_dir", ck);
   jw_int(&w, "step", step);
   jw_str(&w, "tasks", cfg->eval_tasks);
@@ -138,6 +158,7 @@ static void write_ticket(const Config *cfg, const char *root, const char *cfg_pa
 }
 
 void eval_schedule(const Config *cfg, const char *run_id, int64_t step) {
+  reap_evals();
   char rel[PATH_MAX - 32], root[PATH_MAX], dir[PATH_MAX], sdir[PATH_MAX], err[512];
   snprintf(rel, sizeof rel, "%s/eval/%s", cfg->metrics_dir, run_id);
   snprintf(sdir, sizeof sdir, "%s/step_%07lld", rel, (long long)step);

@@ -123,10 +123,17 @@ double eval_suite_score(Model *m, const EvalSuite *s, int B, int T, double max_t
   return 1000 * (now_s() - t0);
 }
 
+/* Mean centered accuracy over the tasks that were scored (n > 0): a task the
+ * time budget never reached is not a zero. */
 double eval_core(const EvalResult *res, int n) {
   double sum = 0;
-  for (int i = 0; i < n; i++) sum += res[i].centered_acc;
-  return n > 0 ? sum / n : 0;
+  int scored = 0;
+  for (int i = 0; i < n; i++)
+    if (res[i].n > 0) {
+      sum += res[i].centered_acc;
+      scored++;
+    }
+  return scored > 0 ? sum / scored : 0;
 }
 
 void eval_report(Metrics *mx, int64_t step, const EvalResult *res, int n) {
@@ -138,10 +145,12 @@ void eval_report(Metrics *mx, int64_t step, const EvalResult *res, int n) {
       o += (size_t)snprintf(line + o, sizeof line - o, " | %s acc %.4f (centered %.4f, n %lld)",
                             res[i].name, res[i].acc, res[i].centered_acc, (long long)res[i].n);
     if (!mx) continue;
-    snprintf(tag, sizeof tag, "eval_choices/%s/acc", res[i].name);
-    metrics_log(mx, tag, step, res[i].acc);
-    snprintf(tag, sizeof tag, "eval_choices/%s/centered_acc", res[i].name);
-    metrics_log(mx, tag, step, res[i].centered_acc);
+    if (res[i].n > 0) { /* a task the budget did not reach has no accuracy */
+      snprintf(tag, sizeof tag, "eval_choices/%s/acc", res[i].name);
+      metrics_log(mx, tag, step, res[i].acc);
+      snprintf(tag, sizeof tag, "eval_choices/%s/centered_acc", res[i].name);
+      metrics_log(mx, tag, step, res[i].centered_acc);
+    }
     snprintf(tag, sizeof tag, "eval_choices/%s/n", res[i].name);
     metrics_log(mx, tag, step, (double)res[i].n);
   }

@@ -142,17 +142,25 @@ static int task_read(EvalTask *t, int64_t max_examples, char *err, size_t errlen
 }
 
 /* Is name in the comma list sel? */
+/* The next name of a comma list at *p, spaces trimmed on both sides: returns
+ * its start and sets *len (0 for an empty item); advances *p past its comma.
+ * NULL at the end of the list. */
+static const char *list_next(const char **p, size_t *len) {
+  if (!**p) return NULL;
+  const char *s = *p;
+  while (*s == ' ') s++;
+  const char *e = strchr(s, ',');
+  size_t n = e ? (size_t)(e - s) : strlen(s);
+  *p = e ? e + 1 : s + n;
+  while (n > 0 && s[n - 1] == ' ') n--;
+  *len = n;
+  return s;
+}
+
 static int in_list(const char *sel, const char *name) {
-  size_t n = strlen(name);
-  for (const char *p = sel; *p;) {
-    while (*p == ' ') p++;
-    const char *e = strchr(p, ',');
-    size_t len = e ? (size_t)(e - p) : strlen(p);
-    size_t k = len;
-    while (k > 0 && p[k - 1] == ' ') k--;
-    if (k == n && !strncmp(p, name, n)) return 1;
-    p += len + (e ? 1 : 0);
-  }
+  size_t len, n = strlen(name);
+  for (const char *p = sel, *s; (s = list_next(&p, &len));)
+    if (len == n && !strncmp(s, name, n)) return 1;
   return 0;
 }
 
@@ -240,15 +248,12 @@ EvalSuite *eval_suite_load(const char *tasks_file, const char *select, int64_t m
     s->task[s->n++] = t;
   }
   /* every selected name must exist */
-  for (const char *p = select; !rc && !all && *p;) {
-    while (*p == ' ') p++;
-    const char *e = strchr(p, ',');
-    size_t len = e ? (size_t)(e - p) : strlen(p);
+  size_t len;
+  for (const char *p = select, *nm; !rc && !all && (nm = list_next(&p, &len));) {
     int found = 0;
-    for (int k = 0; k < s->n; k++) found |= strlen(s->task[k].name) == len && !strncmp(s->task[k].name, p, len);
+    for (int k = 0; k < s->n; k++) found |= strlen(s->task[k].name) == len && !strncmp(s->task[k].name, nm, len);
     if (!found && len)
-      rc = fail(err, errlen, "eval_tasks names '%.*s', which %s does not define", (int)len, p, tasks_file);
-    p += len + (e ? 1 : 0);
+      rc = fail(err, errlen, "eval_tasks names '%.*s', which %s does not define", (int)len, nm, tasks_file);
   }
   if (!rc && s->n == 0) rc = fail(err, errlen, "eval_tasks '%s' selects no task", select);
   for (int i = 0; !rc && i < s->n; i++) rc = task_read(&s->task[i], max_examples, err, errlen);

@@ -78,7 +78,10 @@ one_line "$T/e2.err" "written by 2 ranks: nmoe eval loads one-process checkpoint
 one_line "$T/e3.err" "no finalised checkpoint under"
 
 # Scheduled eval: inline runs nmoe eval on each finalised step; k8s_job queues tickets.
-run inl 1 --steps=2 --checkpoint_every=2 --eval_enabled=true --eval_mode=inline
+# The run's NMOE_<FIELD> overrides (here one the command line beats) must not reach
+# the eval, which loads the resolved config snapshot; the task list may have spaces.
+NMOE_DIM=64 run inl 1 --dim=32 --steps=2 --checkpoint_every=2 --eval_enabled=true --eval_mode=inline \
+  --eval_tasks="arith , copy,larger"
 [ -f "$T/metrics/eval/inl/step_0000002/config.toml" ] || die "no config snapshot"
 "$PY" -c 'import json,sys; s=json.load(open(sys.argv[1])); assert s["step"] == 2 and len(s["tasks"]) == 3' \
   "$T/metrics/eval/inl/step_0000002/summary.json" || { cat "$T/metrics/eval/inl/step_0000002/eval.log"; die "inline eval"; }
@@ -88,7 +91,7 @@ for s in 2 4; do
   "$PY" - "$T/metrics/eval/k8s/queue/ticket_$s.json" "$s" "$T/ck_k8s" <<'PYEOF' || die "ticket $s"
 import json, os, sys
 t = json.load(open(sys.argv[1]))
-assert t["step"] == int(sys.argv[2]) and t["tasks"] == "all", t
+assert t["step"] == int(sys.argv[2]) and t["tasks"] == "all" and os.path.isdir(t["cwd"]), t
 assert os.path.samefile(t["checkpoint_dir"], sys.argv[3]) and os.path.isfile(t["config"]), t
 assert t["out"].endswith(f"/step_{int(sys.argv[2]):07d}/summary.json"), t
 PYEOF
