@@ -38,7 +38,7 @@ typedef struct RowRef {
 
 /* Scores task t; returns 1 when the time budget ran out during it. */
 static int score_task(Model *m, const EvalTask *t, int B, int T, double deadline, EvalResult *r,
-                      int32_t *in, int32_t *tg, double *loss) {
+                      int32_t *in, int32_t *tg, double *loss, int *exact) {
   const int rank = m->comm ? m->comm->rank : 0, world = m->comm ? m->comm->world : 1;
   const int32_t ignore = (int32_t)m->d.V;
   /* rows of every rank (all ranks know the suite): forward calls = the most */
@@ -69,7 +69,10 @@ static int score_task(Model *m, const EvalTask *t, int B, int T, double deadline
       }
     }
     model_score_rows(m, in, tg, B, T, ignore, loss);
-    for (int b = 0; b < B && call * B + b < n_rows; b++) row_loss[call * B + b] = loss[b];
+    if (t->span) model_rows_exact(m, tg, B, T, ignore, exact);
+    /* span: a row's "loss" is 0 when greedy decoding yields the answer, else 1 */
+    for (int b = 0; b < B && call * B + b < n_rows; b++)
+      row_loss[call * B + b] = t->span ? !exact[b] : loss[b];
     done = (call + 1) * B < n_rows ? (call + 1) * B : n_rows;
     if (deadline > 0) {
       int64_t late = now_s() > deadline;
@@ -84,7 +87,7 @@ static int score_task(Model *m, const EvalTask *t, int B, int T, double deadline
     int best = 0;
     for (int c = 1; c < e->n_choices; c++)
       if (row_loss[i + c] < row_loss[i + best]) best = c;
-    correct += best == e->label;
+    correct += t->span ? row_loss[i] == 0 : best == e->label;
     n++;
     i += e->n_choices;
   }
@@ -106,13 +109,14 @@ double eval_suite_score(Model *m, const EvalSuite *s, int B, int T, double max_t
   const double t0 = now_s(), deadline = max_time_s > 0 ? t0 + max_time_s : 0;
   int32_t *in = xmalloc((size_t)B * T * sizeof *in), *tg = xmalloc((size_t)B * T * sizeof *tg);
   double *loss = xmalloc((size_t)B * sizeof *loss);
+  int *exact = xmalloc((size_t)B * sizeof *exact);
   int out_of_time = 0;
   for (int i = 0; i < s->n; i++) {
     if (out_of_time) {
       res[i] = (EvalResult){.name = s->task[i].name};
       continue;
     }
-    out_of_time = score_task(m, &s->task[i], B, T, deadline, &res[i], in, tg, loss);
+    out_of_time = score_task(m, &s->task[i], B, T, deadline, &res[i], in, tg, loss, exact);
     if (out_of_time)
       log_warn("eval: time budget of %.0f s spent during task %s (%lld examples scored; later "
                "tasks skipped)", max_time_s, s->task[i].name, (long long)res[i].n);
@@ -120,6 +124,7 @@ double eval_suite_score(Model *m, const EvalSuite *s, int B, int T, double max_t
   free(in);
   free(tg);
   free(loss);
+  free(exact);
   return 1000 * (now_s() - t0);
 }
 

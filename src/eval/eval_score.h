@@ -6,7 +6,9 @@
  * only the choice tokens are targets, every other position (prompt, padding)
  * holds the ignore id V, outside the vocabulary. The prediction is the choice
  * with the smallest summed cross-entropy (ties: the lowest index), as the
- * reference's summed option log-probability.
+ * reference's summed option log-probability. A span task's one row holds its
+ * answer; it is right when every answer token is the argmax (greedy decoding
+ * from the prompt produces the answer exactly: model_rows_exact).
  *
  * Several ranks: example e is scored by rank e % world; every rank runs the
  * same number of forward calls (short ranks pad with all-ignored rows) and the

@@ -46,20 +46,32 @@ void eval_suite_free(EvalSuite *s) {
   free(s);
 }
 
-/* One JSONL line into e (prompt = the bare context). */
-static int parse_example(const char *text, size_t len, const char *path, int line, EvalExample *e,
-                         char *err, size_t errlen) {
+/* One JSONL line into e (prompt = the bare context). A span task's line
+ * holds "answer" instead of choices/label: it becomes the only choice. */
+static int parse_example(const char *text, size_t len, const char *path, int line, int span,
+                         EvalExample *e, char *err, size_t errlen) {
   char jerr[256];
   Json *j = json_parse(text, len, jerr, sizeof jerr);
   if (!j) return fail(err, errlen, "%s:%d: bad JSON (%s)", path, line, jerr);
   int rc = -1;
   const Json *ctx = json_get(j, "context"), *ch = json_get(j, "choices"), *lb = json_get(j, "label");
+  const Json *ans = json_get(j, "answer");
   memset(e, 0, sizeof *e);
   e->line = line;
   if (j->type != JSON_OBJ) fail(err, errlen, "%s:%d: expected an object", path, line);
   else if (!ctx || ctx->type != JSON_STR || !ctx->str[0])
     fail(err, errlen, "%s:%d: \"context\" must be a non-empty string", path, line);
-  else if (!ch || ch->type != JSON_ARR || ch->n < 2)
+  else if (span) {
+    if (!ans || ans->type != JSON_STR || !ans->str[0])
+      fail(err, errlen, "%s:%d: \"answer\" must be a non-empty string (span task)", path, line);
+    else {
+      e->prompt = xstrdup(ctx->str);
+      e->n_choices = 1;
+      e->choices = xcalloc(1, sizeof *e->choices);
+      e->choices[0] = xstrdup(ans->str);
+      rc = 0;
+    }
+  } else if (!ch || ch->type != JSON_ARR || ch->n < 2)
     fail(err, errlen, "%s:%d: \"choices\" must be an array of at least 2 strings", path, line);
   else if (!lb || lb->type != JSON_NUM || !lb->is_int || lb->i < 0 || lb->i >= ch->n)
     fail(err, errlen, "%s:%d: \"label\" must be an integer in [0, %d)", path, line, ch->n);
@@ -69,7 +81,7 @@ static int parse_example(const char *text, size_t len, const char *path, int lin
       if (ch->items[c]->type != JSON_STR || !ch->items[c]->str[0])
         rc = fail(err, errlen, "%s:%d: choice %d must be a non-empty string", path, line, c);
   }
-  if (!rc) {
+  if (!rc && !span) {
     e->prompt = xstrdup(ctx->str);
     e->n_choices = ch->n;
     e->choices = xcalloc((size_t)ch->n, sizeof *e->choices);
@@ -101,7 +113,7 @@ static int task_read(EvalTask *t, int64_t max_examples, char *err, size_t errlen
         cap = cap ? 2 * cap : 64;
         all = xrealloc(all, (size_t)cap * sizeof *all);
       }
-      rc = parse_example(p, len, t->path, line, &all[n_all], err, errlen);
+      rc = parse_example(p, len, t->path, line, t->span, &all[n_all], err, errlen);
       if (!rc) n_all++;
     }
     p += len + 1;
@@ -111,7 +123,7 @@ static int task_read(EvalTask *t, int64_t max_examples, char *err, size_t errlen
     rc = fail(err, errlen, "task %s: %s has %d example%s, fewshot %d leaves none to score", t->name,
               t->path, n_all, n_all == 1 ? "" : "s", t->fewshot);
   if (!rc) {
-    if (t->baseline < 0) t->baseline = 1.0 / all[0].n_choices;
+    if (t->baseline < 0) t->baseline = t->span ? 0 : 1.0 / all[0].n_choices;
     /* prefix: "ctx + correct choice\n\n" per fewshot example */
     size_t plen = 0;
     for (int i = 0; i < t->fewshot; i++)
@@ -238,8 +250,9 @@ EvalSuite *eval_suite_load(const char *tasks_file, const char *select, int64_t m
       if (!strcmp(s->task[k].name, t.name))
         rc = fail(err, errlen, "%s:%d: task name '%s' used twice", tasks_file, tv->line, t.name);
     const char *scorer = str_key(tv, "scorer");
-    if (!rc && (all || in_list(select, t.name)) && scorer && strcmp(scorer, "choices"))
-      rc = fail(err, errlen, "%s:%d: task %s: scorer '%s' is not supported yet (only choices)",
+    t.span = scorer && !strcmp(scorer, "span");
+    if (!rc && (all || in_list(select, t.name)) && scorer && strcmp(scorer, "choices") && !t.span)
+      rc = fail(err, errlen, "%s:%d: task %s: scorer '%s' is not supported yet (choices, span)",
                 tasks_file, tv->line, t.name, scorer);
     if (rc || !(all || in_list(select, t.name))) {
       task_free(&t);

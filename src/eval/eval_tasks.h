@@ -6,10 +6,11 @@
  *   name = "arith"                 # unique; no commas (eval_tasks lists names)
  *   source = "jsonl:sample/arith.jsonl"  # relative to the task file's directory
  *   fewshot = 0                    # the first k examples become the prompt prefix
- *   scorer = "choices"             # the only scorer so far
+ *   scorer = "choices"             # or "span": greedy exact match of an answer
  *   baseline = 0.25                # optional; default 1 / choices of line 1
  * JSONL, one example per line (blank lines skipped):
  *   {"context": "2 + 3 =", "choices": [" 5", " 6"], "label": 0}
+ *   {"context": "2 + 3 =", "answer": " 5"}            (span tasks)
  *
  * A scored example's prompt is the fewshot prefix (each of the first k
  * examples as context + correct choice, joined and ended by "\n\n") followed by
@@ -40,7 +41,9 @@ typedef struct EvalTask {
   char *name;
   char *path;           /* the JSONL file, resolved */
   int fewshot;
-  double baseline;
+  double baseline;      /* default: 1 / choices; 0 for span tasks */
+  int span;             /* scorer "span": the answer is the only choice, scored by
+                           greedy exact match (every answer token is the argmax) */
   int n;                /* scored examples (after the fewshot ones, within the budget) */
   EvalExample *ex;      /* [n] */
 } EvalTask;

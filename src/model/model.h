@@ -177,6 +177,13 @@ double model_eval_loss(Model *m, const int32_t *inputs, const int32_t *targets, 
  * Collective (every rank calls it equally often). */
 void model_score_rows(Model *m, const int32_t *inputs, const int32_t *targets, int B, int T,
                       int32_t ignore_id, double *row_loss);
+/* After model_score_rows (same inputs, still in the model): row_exact[b] = 1
+ * when every non-ignored target of row b is the most likely token (argmax of
+ * the logits, ties to the lower id), i.e. greedy decoding from the row's
+ * prompt would produce exactly its targets. Not collective (local logits of
+ * the positions with targets only). */
+void model_rows_exact(Model *m, const int32_t *targets, int B, int T, int32_t ignore_id,
+                      int *row_exact);
 
 /* Aux-loss-free balancing: bias -= rate * (sign(load - 1/E) - mean(sign)),
  * clamped to [-16, 16]; counts [n_moe, E] are assignments summed over ranks. */
@@ -193,6 +200,14 @@ int64_t model_active_matmul_params(const ModelDims *d, const Config *cfg);
  * mode, see at most top_k keys (counted as a window of top_k). */
 double model_flops_per_token(const ModelDims *d, const Config *cfg, int T);
 
+/* The parameter table of rank ep_rank of ep_world (its experts' rows, ZeRO
+ * padding 16 * ep_world) without building a model: what a checkpoint of that
+ * layout holds (`nmoe ckpt reshard`). The caller checks that ep_world divides
+ * n_routed_experts and frees out with params_free. */
+void model_table(const Config *cfg, int ep_rank, int ep_world, ParamTable *out);
+/* ZeRO-2 shard [lo, hi) of rank ep_rank: the dense range [0,
+ * t->group_off[GROUP_EXPERT]) split into ep_world equal parts. */
+void model_shard_bounds(const ParamTable *t, int ep_rank, int ep_world, size_t *lo, size_t *hi);
 /* Pointer to row p inside an ACT allocation (params or grads). */
 void *model_ptr(const Model *m, void *base, int p);
 /* Whether layer l is global (attn) or local (the swa block). */

@@ -79,6 +79,37 @@ void model_score_rows(Model *m, const int32_t *inputs, const int32_t *targets, i
                            (float)m->cfg.logits_scale, ignore_id, 0);
 }
 
+void model_rows_exact(Model *m, const int32_t *targets, int B, int T, int32_t ignore_id,
+                      int *row_exact) {
+  Backend *be = m->be;
+  const int D = m->d.D, V = m->d.V;
+  const size_t sa = be->size[BUF_ACT];
+  int P = 0; /* positions with a target */
+  for (size_t i = 0; i < (size_t)B * T; i++) P += targets[i] != ignore_id;
+  for (int b = 0; b < B; b++) row_exact[b] = 1;
+  if (P == 0) return;
+  /* gather those positions' final hidden states, then their logits [P, V] */
+  void *h = be->alloc(be, (size_t)P * D * sa), *logits = be->alloc(be, (size_t)P * V * be->size[BUF_F32]);
+  int p = 0;
+  for (size_t i = 0; i < (size_t)B * T; i++)
+    if (targets[i] != ignore_id) be->copy(be, (char *)h + (size_t)p++ * D * sa, (char *)m->xf + i * D * sa, D * sa);
+  be->gemm(be, logits, h, W(m, m->lm_head), P, V, D, 0, 1, (float)m->cfg.logits_scale, 0, 1);
+  float *host = xmalloc((size_t)P * V * sizeof(float));
+  be->get(be, host, BUF_F32, logits, (size_t)P * V);
+  p = 0;
+  for (size_t i = 0; i < (size_t)B * T; i++) {
+    if (targets[i] == ignore_id) continue;
+    const float *l = host + (size_t)p++ * V;
+    int best = 0;
+    for (int v = 1; v < V; v++)
+      if (l[v] > l[best]) best = v;
+    if (best != targets[i]) row_exact[i / T] = 0;
+  }
+  free(host);
+  be->free(be, h);
+  be->free(be, logits);
+}
+
 double model_train_step_grads(Model *m, const int32_t *inputs, const int32_t *targets, int B, int T) {
   Backend *be = m->be;
   forward_trunk(m, inputs, targets, B, T);

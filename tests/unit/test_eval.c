@@ -143,8 +143,24 @@ static void test_tasks_missing_and_unsupported(void **state) {
   load_fails(f->dir, "all", "task b: ");
   load_fails(f->dir, "all", "sub/b.jsonl");
   load_fails(f->dir, "a,c", "eval_tasks names 'c'");
+  write_file(at(f->dir, "tasks.toml"), "[[task]]\nname = \"g\"\nsource = \"jsonl:a.jsonl\"\nscorer = \"judge\"\n");
+  load_fails(f->dir, "all", "task g: scorer 'judge' is not supported yet (choices, span)");
+  /* a span task reads "answer" lines: a choices line is an error there */
   write_file(at(f->dir, "tasks.toml"), "[[task]]\nname = \"g\"\nsource = \"jsonl:a.jsonl\"\nscorer = \"span\"\n");
-  load_fails(f->dir, "all", "task g: scorer 'span' is not supported yet (only choices)");
+  load_fails(f->dir, "all", "a.jsonl:1: \"answer\" must be a non-empty string (span task)");
+  write_file(at(f->dir, "s.jsonl"), "{\"context\": \"1 + 1 =\", \"answer\": \" 2\"}\n"
+                                     "{\"context\": \"2 + 2 =\", \"answer\": \" 4\"}\n");
+  write_file(at(f->dir, "tasks.toml"),
+             "[[task]]\nname = \"s\"\nsource = \"jsonl:s.jsonl\"\nscorer = \"span\"\nfewshot = 1\n");
+  EvalSuite *sp = eval_suite_load(at(f->dir, "tasks.toml"), "all", 0, err, sizeof err);
+  assert_non_null(sp);
+  assert_int_equal(sp->task[0].span, 1);
+  assert_true(sp->task[0].baseline == 0);
+  assert_int_equal(sp->task[0].n, 1);
+  assert_int_equal(sp->task[0].ex[0].n_choices, 1);
+  assert_string_equal(sp->task[0].ex[0].prompt, "1 + 1 = 2\n\n2 + 2 =");
+  assert_string_equal(sp->task[0].ex[0].choices[0], " 4");
+  eval_suite_free(sp);
   write_file(at(f->dir, "tasks.toml"), "[[task]]\nname = \"g\"\nsource = \"hf:cais/mmlu:all:dev\"\n");
   load_fails(f->dir, "all", "source 'hf:cais/mmlu:all:dev' is not supported yet");
   write_file(at(f->dir, "tasks.toml"), "[[task]]\nname = \"g\"\nsource = \"jsonl:a.jsonl\"\nshots = 1\n");
@@ -345,6 +361,85 @@ static void test_score_forced(void **state) {
   config_free(&c);
 }
 
+/* model_rows_exact agrees with the losses: at a position, the argmax token is
+ * the one whose cross-entropy is smallest. Found by scanning every token, it
+ * is "exact"; any other token is not; two positions must both hold. */
+static int argmin_token(Model *m, int32_t *in, int B, int T, int pos, int V) {
+  int32_t tg[B * T];
+  double row[B];
+  int best = -1;
+  double best_loss = 0;
+  for (int v0 = 0; v0 < V; v0 += B) {
+    for (int i = 0; i < B * T; i++) tg[i] = V;
+    for (int b = 0; b < B; b++) {
+      memcpy(in + (size_t)b * T, in, (size_t)T * sizeof *in);
+      tg[b * T + pos] = v0 + b < V ? v0 + b : V;
+    }
+    model_score_rows(m, in, tg, B, T, V, row);
+    for (int b = 0; b < B && v0 + b < V; b++)
+      if (best < 0 || row[b] < best_loss) best = v0 + b, best_loss = row[b];
+  }
+  return best;
+}
+
+static void test_rows_exact(void **state) {
+  (void)state;
+  Config c;
+  tiny_config(&c);
+  Backend *be = backend_cpu();
+  Model *m = model_create(&c, be, NULL);
+  const int B = 3, T = 7, V = 41;
+  int32_t in[B * T], tg[B * T];
+  for (int i = 0; i < T; i++) in[i] = (int32_t)(rng_u64(9, 1, (uint64_t)i, 0) % V);
+  const int a1 = argmin_token(m, in, B, T, 5, V);
+  in[6] = a1; /* teacher forcing: the answer's first token is the next input */
+  const int a2 = argmin_token(m, in, B, T, 6, V);
+  for (int b = 1; b < B; b++) memcpy(in + (size_t)b * T, in, (size_t)T * sizeof *in);
+  for (int i = 0; i < B * T; i++) tg[i] = V;
+  tg[0 * T + 5] = a1, tg[0 * T + 6] = a2;           /* the greedy answer */
+  tg[1 * T + 5] = a1, tg[1 * T + 6] = (a2 + 1) % V; /* second token wrong */
+  tg[2 * T + 5] = (a1 + 1) % V;                     /* one token, wrong */
+  double row[B];
+  int exact[B];
+  model_score_rows(m, in, tg, B, T, V, row);
+  model_rows_exact(m, tg, B, T, V, exact);
+  assert_int_equal(exact[0], 1);
+  assert_int_equal(exact[1], 0);
+  assert_int_equal(exact[2], 0);
+  model_free(m);
+  be->destroy(be);
+  config_free(&c);
+}
+
+/* A span task on a model with all weights zero: every logit is 0, so greedy
+ * decoding gives token 0 (ties to the lower id) at every position: answers
+ * made of 0s are exact, others not. Baseline 0 (acc = centered acc). */
+static void test_score_span_forced(void **state) {
+  (void)state;
+  Config c;
+  tiny_config(&c);
+  c.batch_size = 2;
+  Backend *be = backend_cpu();
+  Model *m = model_create(&c, be, NULL);
+  be->zero(be, m->params, m->pt.total * be->size[BUF_ACT]);
+  int32_t p[] = {5, 6, 7, 8}, ids[] = {0, 0, 0, 1, 0};
+  int l0[] = {1}, l1[] = {2}, l2[] = {2};
+  EvalExample ex[3] = {make_example(p, 4, 1, l0, ids, 0),      /* [0]: exact */
+                       make_example(p, 3, 1, l1, ids + 1, 0),  /* [0 0]: exact */
+                       make_example(p, 2, 1, l2, ids + 3, 0)}; /* [1 0]: not */
+  EvalTask t = {.name = "span", .baseline = 0, .span = 1, .n = 3, .ex = ex};
+  EvalSuite s = {.n = 1, .task = &t};
+  EvalResult r;
+  eval_suite_score(m, &s, 2, 7, 0, &r);
+  assert_int_equal(r.n, 3);
+  assert_close(r.acc, 2.0 / 3);
+  assert_close(r.centered_acc, 2.0 / 3);
+  for (int i = 0; i < 3; i++) example_clear(&ex[i]);
+  model_free(m);
+  be->destroy(be);
+  config_free(&c);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test_setup_teardown(test_tasks_good, tmpdir_setup, tmpdir_teardown),
@@ -354,6 +449,8 @@ int main(void) {
       cmocka_unit_test(test_fill_row),
       cmocka_unit_test(test_score_rows_match_eval_loss),
       cmocka_unit_test(test_score_forced),
+      cmocka_unit_test(test_rows_exact),
+      cmocka_unit_test(test_score_span_forced),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
