@@ -161,6 +161,25 @@ static void build_table(Model *m) {
   params_finalize(t, 16 * (size_t)m->ep_world);
 }
 
+void model_table(const Config *cfg, int ep_rank, int ep_world, ParamTable *out) {
+  Model m; /* only what build_table reads and writes; nothing allocated on a backend */
+  memset(&m, 0, sizeof m);
+  m.cfg = *cfg;
+  m.d = model_dims(cfg);
+  m.ep_rank = ep_rank;
+  m.ep_world = ep_world;
+  m.E_local = m.d.E / ep_world;
+  build_table(&m);
+  free(m.lp);
+  *out = m.pt;
+}
+
+void model_shard_bounds(const ParamTable *t, int ep_rank, int ep_world, size_t *lo, size_t *hi) {
+  const size_t dense_end = t->group_off[GROUP_EXPERT];
+  *lo = dense_end / (size_t)ep_world * (size_t)ep_rank;
+  *hi = *lo + dense_end / (size_t)ep_world;
+}
+
 int model_layer_global(const Config *cfg, int l) {
   return cfg->attn_global_every <= 1 || (l + 1) % cfg->attn_global_every == 0 ||
          l == cfg->n_layers - 1;
@@ -245,8 +264,7 @@ Model *model_create(const Config *cfg, Backend *be, Comm *comm) {
   m->params = be->alloc(be, n * be->size[BUF_ACT]);
   m->grads = be->alloc(be, n * be->size[BUF_ACT]);
   m->dense_end = m->pt.group_off[GROUP_EXPERT];
-  m->shard_lo = m->dense_end / m->ep_world * m->ep_rank;
-  m->shard_hi = m->shard_lo + m->dense_end / m->ep_world;
+  model_shard_bounds(&m->pt, m->ep_rank, m->ep_world, &m->shard_lo, &m->shard_hi);
   m->n_state = (m->shard_hi - m->shard_lo) + (n - m->dense_end);
   /* A master copy only where storage is narrower than fp32. */
   if (be->size[BUF_ACT] < be->size[BUF_F32] && !strcmp(cfg->master_weights, "fp32"))

@@ -280,6 +280,13 @@ done:
   return rc;
 }
 
+int ckpt_save(const char *dir, int rank, int world, const CkptSnapshot *snap, char *err, size_t errlen) {
+  if (!ckpt_dir_ok(dir, err, errlen)) return -1;
+  /* final_timeout 0: the other ranks' files are already written */
+  Ckpt c = {.dir = (char *)dir, .rank = rank, .world = world};
+  return save_one(&c, snap, err, errlen);
+}
+
 static void *saver_main(void *arg) {
   Ckpt *c = arg;
   pthread_mutex_lock(&c->mu);
@@ -449,8 +456,9 @@ CkptLoaded *ckpt_load(const char *dir, int64_t step, int rank, int world, char *
     goto fail;
   }
   snprintf(name, sizeof name, "rank_%03d.safetensors", rank);
-  if (load_tensors(l, it, m, "dense.safetensors", err, errlen) || load_tensors(l, it, m, name, err, errlen))
-    goto fail;
+  if (load_tensors(l, it, m, "dense.safetensors", err, errlen)) goto fail;
+  l->n_dense = l->n;
+  if (load_tensors(l, it, m, name, err, errlen)) goto fail;
   snprintf(name, sizeof name, "rank_%03d.json", rank);
   const Json *e = ckpt_manifest_file(m, name);
   if (!e) {

@@ -50,6 +50,11 @@ Ckpt *ckpt_open(const char *dir, int rank, int world, int keep_last_n, char *err
 /* Queues snap (ownership passes to the saver). Blocks while the queue is
  * full. Fails if an earlier save failed (the error is reported once). */
 int ckpt_save_async(Ckpt *c, CkptSnapshot *snap, char *err, size_t errlen);
+/* Writes snap synchronously as rank of world under dir, exactly as the saver
+ * thread does (atomic files; rank 0 writes dense.safetensors and, once every
+ * rank's files exist, the manifest and the tracker; no purge). Used by
+ * `nmoe ckpt reshard`, which writes ranks world-1..0 in turn. */
+int ckpt_save(const char *dir, int rank, int world, const CkptSnapshot *snap, char *err, size_t errlen);
 /* Waits until every queued save is written and finalised. */
 int ckpt_wait(Ckpt *c, char *err, size_t errlen);
 /* ckpt_wait, then stops the thread. */
@@ -62,8 +67,8 @@ int64_t ckpt_latest(const char *dir);
 typedef struct CkptLoaded {
   int64_t step;
   Json *meta;          /* this rank's metadata document */
-  int n;
-  CkptTensor *t;       /* dense (rank 0's file) + this rank's tensors */
+  int n, n_dense;
+  CkptTensor *t;       /* dense (rank 0's file: the first n_dense) + this rank's tensors */
 } CkptLoaded;
 
 /* Loads step for rank (verifying the manifest, sizes and SHA-256 of the files
@@ -73,7 +78,16 @@ CkptLoaded *ckpt_load(const char *dir, int64_t step, int rank, int world, char *
 const CkptTensor *ckpt_find(const CkptLoaded *l, const char *name);
 void ckpt_loaded_free(CkptLoaded *l);
 
-/* `nmoe ckpt list|info|verify DIR`. */
+/* Checks one finalised step fully: manifest, sizes and SHA-256 of every
+ * file, and that each safetensors/json file parses. */
+int ckpt_verify_step(const char *dir, int64_t step, char *err, size_t errlen);
+
+/* Writes step of src (verified fully first) for world ranks as a finalised
+ * step of dst, with the tracker (ckpt_reshard.c). Refuses an existing step
+ * in dst, experts or batch not divisible by world, a corrupt source. */
+int ckpt_reshard(const char *src, const char *dst, int world, int64_t step, char *err, size_t errlen);
+
+/* `nmoe ckpt list|info|verify|reshard`. */
 int ckpt_main(int argc, char **argv);
 
 #endif

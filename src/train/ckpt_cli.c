@@ -1,5 +1,6 @@
 /* ckpt_cli.c: `nmoe ckpt list|info|verify DIR`: what is in a checkpoint
- * directory, and whether its files are intact (exit 1 on any problem). */
+ * directory, and whether its files are intact (exit 1 on any problem); and
+ * the argument handling of `nmoe ckpt reshard` (ckpt_reshard.c). */
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -18,7 +19,10 @@
 static const char *CKPT_USAGE =
     "usage: nmoe ckpt list DIR                  steps (finalised or not), sizes, tracker\n"
     "       nmoe ckpt info DIR [STEP]           manifest, metadata summary and tensors\n"
-    "       nmoe ckpt verify DIR [STEP|--all]   sizes and SHA-256 of every file (exit 1 on a problem)\n";
+    "       nmoe ckpt verify DIR [STEP|--all]   sizes and SHA-256 of every file (exit 1 on a problem)\n"
+    "       nmoe ckpt reshard SRC DST --world N [--step S]\n"
+    "                                           write step S (default: the latest) of SRC for N ranks\n"
+    "                                           into the checkpoint directory DST (elastic resume)\n";
 
 static int64_t dir_bytes(const char *it, int *nfiles) {
   int64_t total = 0;
@@ -137,8 +141,7 @@ static int cli_info(const char *dir, const char *arg) {
   return 0;
 }
 
-/* Full check of one step: manifest, sizes, SHA-256, file structure. */
-static int verify_step(const char *dir, int64_t step, char *err, size_t errlen) {
+int ckpt_verify_step(const char *dir, int64_t step, char *err, size_t errlen) {
   char it[CKPT_PATHN], fp[CKPT_PATHN];
   ckpt_iter_path(it, dir, step);
   Json *m = ckpt_manifest_read(it, step, 1, err, errlen);
@@ -160,10 +163,21 @@ static int verify_step(const char *dir, int64_t step, char *err, size_t errlen) 
       json_free(j);
     }
   }
-  if (!rc) printf("step %lld: ok (%d files, %lld bytes)\n", (long long)step, files->n,
-                  (long long)json_get_int(m, "bytes_total", 0));
   json_free(m);
   return rc;
+}
+
+/* One step's check with its summary line. */
+static int verify_step(const char *dir, int64_t step, char *err, size_t errlen) {
+  if (ckpt_verify_step(dir, step, err, errlen)) return -1;
+  char it[CKPT_PATHN];
+  ckpt_iter_path(it, dir, step);
+  Json *m = ckpt_manifest_read(it, step, 0, err, errlen);
+  if (!m) return -1;
+  printf("step %lld: ok (%d files, %lld bytes)\n", (long long)step, json_get(m, "files")->n,
+         (long long)json_get_int(m, "bytes_total", 0));
+  json_free(m);
+  return 0;
 }
 
 static int cli_verify(const char *dir, const char *arg) {
@@ -218,6 +232,44 @@ static int cli_verify(const char *dir, const char *arg) {
   return bad ? 1 : 0;
 }
 
+/* `nmoe ckpt reshard SRC DST --world N [--step S]` (argv[0] = "reshard"). */
+static int cli_reshard(int argc, char **argv) {
+  const char *pos[2] = {NULL, NULL}, *wa = NULL, *sa = NULL;
+  int np = 0;
+  for (int i = 1; i < argc; i++) {
+    const char **opt = !strcmp(argv[i], "--world") ? &wa : !strcmp(argv[i], "--step") ? &sa : NULL;
+    if (opt && i + 1 < argc) *opt = argv[++i];
+    else if (!opt && argv[i][0] != '-' && np < 2) pos[np++] = argv[i];
+    else {
+      fputs(CKPT_USAGE, stderr);
+      return 2;
+    }
+  }
+  if (np != 2 || !wa) {
+    fputs(CKPT_USAGE, stderr);
+    return 2;
+  }
+  char *end, err[1024];
+  long world = strtol(wa, &end, 10);
+  if (*end || end == wa || world < 1 || world > 4096) {
+    fprintf(stderr, "nmoe: error: --world '%s' is not a number of ranks (1..4096)\n", wa);
+    return 1;
+  }
+  if (!ckpt_dir_ok(pos[1], err, sizeof err)) {
+    fprintf(stderr, "nmoe: error: %s\n", err);
+    return 1;
+  }
+  int64_t step = cli_step(pos[0], sa);
+  if (step < 0) return 1;
+  if (ckpt_reshard(pos[0], pos[1], (int)world, step, err, sizeof err)) {
+    fprintf(stderr, "nmoe: error: %s\n", err);
+    return 1;
+  }
+  printf("step %lld of %s written for %ld rank%s to %s\n", (long long)step, pos[0], world,
+         world == 1 ? "" : "s", pos[1]);
+  return 0;
+}
+
 int ckpt_main(int argc, char **argv) {
   if (argc >= 2 && (!strcmp(argv[1], "--help") || !strcmp(argv[1], "-h"))) {
     fputs(CKPT_USAGE, stdout);
@@ -228,6 +280,7 @@ int ckpt_main(int argc, char **argv) {
     fprintf(stderr, "nmoe: error: %s\n", err);
     return 1;
   }
+  if (argc >= 2 && !strcmp(argv[1], "reshard")) return cli_reshard(argc - 1, argv + 1);
   if (argc >= 3 && argc <= 4) {
     const char *arg = argc == 4 ? argv[3] : NULL;
     if (!strcmp(argv[1], "list") && !arg) return cli_list(argv[2]);
