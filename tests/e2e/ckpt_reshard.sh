@@ -38,10 +38,13 @@ PYEOF
 done
 echo "ok: 2 -> 1 and 2 -> 4 ranks resume and continue the 2-rank run"
 
-# 2 -> 2 (and 2 -> 4 -> 2): every tensor of every file equals the source's.
+# 2 -> 2, 2 -> 4 -> 2 and 2 -> 1 -> 2 (per-tensor dense state back to ZeRO
+# shards): every tensor of every file equals the source's.
 reshard "$T/ck_half" "$T/ck_w2" 2
-reshard "$T/ck_w4" "$T/ck_w42" 2 --step 6 # ck_w4 went on to step 12
-"$PY" - "$T/ck_half/iter_0000006" "$T/ck_w2/iter_0000006" "$T/ck_w42/iter_0000006" <<'PYEOF' || die "2 -> 2 is not bit-identical"
+reshard "$T/ck_w4" "$T/ck_w42" 2 --step 6 # ck_w4 and ck_w1 went on to step 12
+reshard "$T/ck_w1" "$T/ck_w12" 2 --step 6
+"$PY" - "$T/ck_half/iter_0000006" "$T/ck_w2/iter_0000006" "$T/ck_w42/iter_0000006" "$T/ck_w12/iter_0000006" \
+  <<'PYEOF' || die "2 -> 2 is not bit-identical"
 import json, struct, sys
 def tensors(p):
     with open(p, "rb") as f:
@@ -60,7 +63,7 @@ for dst in sys.argv[2:]:
         for j in (ja, jb): j.pop("rank_file_sha256")
         assert ja == jb, (dst, r)
 PYEOF
-echo "ok: 2 -> 2 and 2 -> 4 -> 2 reproduce every tensor"
+echo "ok: 2 -> 2, 2 -> 4 -> 2 and 2 -> 1 -> 2 reproduce every tensor"
 
 # Refusals: one line, non-zero exit, nothing written.
 expect_fail() { # pattern, args...
