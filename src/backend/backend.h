@@ -102,6 +102,11 @@ struct Backend {
                        const int32_t *off, const int32_t *off_host, int E, int M, int N, int K);
   /* y = a + b elementwise (y may alias a or b). */
   void (*add)(Backend *be, void *y, const void *a, const void *b, size_t n);
+  /* dst (n elements of kind dk) = src (kind sk) converted, or with accumulate
+   * dst += src (summed in fp32, rounded once into dk). ACT and F32 kinds; for
+   * small per-head vectors (attention sinks) kept in one kind, used in another. */
+  void (*convert)(Backend *be, void *dst, BufKind dk, const void *src, BufKind sk, size_t n,
+                  int accumulate);
   /* Linear-layer bias: y [N, C] += b [C] on every row (y, b ACT). */
   void (*bias_add)(Backend *be, void *y, const void *b, int N, int C);
   /* Its gradient: db [C] += column sums of dy [N, C] (ACT; fp32 sums over rows

@@ -38,36 +38,16 @@ static AttnShape attn_shape(const Model *m, const LayerParams *lp) {
   return s;
 }
 
-/* Sinks (row p, ACT [H]) as the F32 the attention ops take, in m->sinks_f32.
- * Where the two kinds share one representation (CPU: real_t) a copy keeps
- * every bit (the double build's gradient check needs them); on a device
- * bf16 -> float through the host is exact. */
+/* Sinks (row p, ACT [H]) as the F32 the attention ops take, in m->sinks_f32
+ * (exact: the CPU kinds are one type, bf16 -> float is exact on a device). */
 static const void *sinks_as_f32(Model *m, int p) {
-  Backend *be = m->be;
-  const int H = m->d.H;
-  if (be->size[BUF_ACT] == be->size[BUF_F32]) {
-    be->copy(be, m->sinks_f32, W(m, p), (size_t)H * be->size[BUF_F32]);
-  } else {
-    float host[H];
-    be->get(be, host, BUF_ACT, W(m, p), (size_t)H);
-    be->put(be, m->sinks_f32, BUF_F32, host, (size_t)H);
-  }
+  m->be->convert(m->be, m->sinks_f32, BUF_F32, W(m, p), BUF_ACT, (size_t)m->d.H, 0);
   return m->sinks_f32;
 }
 
-/* Gradient of sinks row p += m->dsinks_f32 (F32 [H]), like sinks_as_f32. */
+/* Gradient of sinks row p += m->dsinks_f32 (F32 [H]), one rounding into ACT. */
 static void sinks_grad_add(Model *m, int p) {
-  Backend *be = m->be;
-  const int H = m->d.H;
-  if (be->size[BUF_ACT] == be->size[BUF_F32]) {
-    be->add(be, G(m, p), G(m, p), m->dsinks_f32, (size_t)H);
-  } else {
-    float ds[H], g[H];
-    be->get(be, ds, BUF_F32, m->dsinks_f32, (size_t)H);
-    be->get(be, g, BUF_ACT, G(m, p), (size_t)H);
-    for (int h = 0; h < H; h++) g[h] += ds[h];
-    be->put(be, G(m, p), BUF_ACT, g, (size_t)H);
-  }
+  m->be->convert(m->be, G(m, p), BUF_ACT, m->dsinks_f32, BUF_F32, (size_t)m->d.H, 1);
 }
 
 /* ---------------------------------------------------------------- dsa indexer */

@@ -158,6 +158,24 @@ static void test_bias(GCtx *g, int N, int C) {
   gc_clear(g);
 }
 
+/* ---- kind conversion (attention sinks) ---- */
+
+typedef struct ConvCase { GBuf *act, *f32, *acc; int n; } ConvCase;
+
+static void op_convert(GCtx *g, Backend *be, int side, void *arg) {
+  ConvCase *c = arg;
+  be->convert(be, P(c->f32), BUF_F32, P(c->act), BUF_ACT, c->n, 0); /* bf16 -> float: exact */
+  be->convert(be, P(c->acc), BUF_ACT, P(c->f32), BUF_F32, c->n, 1); /* acc += it, one rounding */
+}
+
+static void test_convert(GCtx *g, int n) {
+  ConvCase c = {gb_randn(g, BUF_ACT, n, 1), gb_out(g, BUF_F32, n), gb_acc_randn(g, BUF_ACT, n, 1), n};
+  GOut o[2] = {{c.f32, "f32", B_COPY, NULL, NULL}, /* bf16 -> float is exact */
+               {c.acc, "acc", B_OUT, NULL, NULL}}; /* fp32 sum, one bf16 rounding */
+  gc_run(g, "convert", op_convert, &c, o, 2, -1);
+  gc_clear(g);
+}
+
 /* ---- embedding ---- */
 
 typedef struct EmbedCase { GBuf *y, *tok, *table, *dtable, *dy; int N, D, V; float scale; } EmbedCase;
@@ -636,6 +654,8 @@ int main(int argc, char **argv) {
   test_bias(&g, 300, 136);
   test_bias(&g, 1000, 37);
   test_bias(&g, 70, 600); /* more columns than one block of threads */
+  test_convert(&g, 16);
+  test_convert(&g, 100003);
   test_embed(&g, 136);
   test_embed(&g, 100);
   test_swiglu(&g, 96);

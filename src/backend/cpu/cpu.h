@@ -43,6 +43,8 @@ void cpu_gemm(Backend *be, void *C, const void *A, const void *B, int M, int N, 
 void cpu_grouped_gemm(Backend *be, int mode, void *out, const void *a, const void *b,
                       const int32_t *off, const int32_t *off_host, int E, int M, int N, int K);
 void cpu_add(Backend *be, void *y, const void *a, const void *b, size_t n);
+void cpu_convert(Backend *be, void *dst, BufKind dk, const void *src, BufKind sk, size_t n,
+                 int accumulate);
 void cpu_bias_add(Backend *be, void *y, const void *b, int N, int C);
 void cpu_bias_grad(Backend *be, void *db, const void *dy, int N, int C);
 double cpu_sumsq(Backend *be, const void *x, size_t n);

@@ -122,6 +122,7 @@ Backend *backend_cpu(void) {
   be->gemm = cpu_gemm;
   be->grouped_gemm = cpu_grouped_gemm;
   be->add = cpu_add;
+  be->convert = cpu_convert;
   be->bias_add = cpu_bias_add;
   be->bias_grad = cpu_bias_grad;
   be->sumsq = cpu_sumsq;

@@ -124,6 +124,14 @@ void cpu_add(Backend *be, void *y, const void *a, const void *b, size_t n) {
   for (size_t i = 0; i < n; i++) Y[i] = A[i] + B[i];
 }
 
+/* ACT and F32 are both real_t here: a copy or an add. */
+void cpu_convert(Backend *be, void *dst, BufKind dk, const void *src, BufKind sk, size_t n,
+                 int accumulate) {
+  real_t *D = dst;
+  const real_t *S = src;
+  for (size_t i = 0; i < n; i++) D[i] = accumulate ? D[i] + S[i] : S[i];
+}
+
 void cpu_bias_add(Backend *be, void *y, const void *b, int N, int C) {
   real_t *Y = y;
   const real_t *Bv = b;

@@ -281,6 +281,7 @@ extern "C" Backend *backend_cuda(int device, char *err, size_t errlen) {
   be->gemm = cu_gemm;
   be->grouped_gemm = cu_grouped_gemm;
   be->add = cu_add;
+  be->convert = cu_convert;
   be->bias_add = cu_bias_add;
   be->bias_grad = cu_bias_grad;
   be->sumsq = cu_sumsq;

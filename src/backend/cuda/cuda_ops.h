@@ -38,6 +38,8 @@ void cu_attn_fwd(Backend *be, void *o, void *lse, const void *q, const void *k, 
 void cu_attn_bwd(Backend *be, void *dq, void *dk, void *dv, void *dsinks, const void *dout,
                  const void *q, const void *k, const void *v, const void *o, const void *lse,
                  const void *sinks, const AttnShape *s);
+void cu_convert(Backend *be, void *dst, BufKind dk, const void *src, BufKind sk, size_t n,
+                int accumulate);
 void cu_bias_add(Backend *be, void *y, const void *b, int N, int C);
 void cu_bias_grad(Backend *be, void *db, const void *dy, int N, int C);
 void cu_mla_kv_split(Backend *be, void *k, void *v, const void *kv, const void *kr, int ldkr, int N,

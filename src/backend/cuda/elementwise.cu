@@ -68,6 +68,34 @@ void cu_add(Backend *be, void *y, const void *a, const void *b, size_t n) {
   CUDA_LAUNCH_CHECK();
 }
 
+/* ---- convert ---- */
+
+static __device__ float load_kind(const void *p, size_t i, int f32) {
+  return f32 ? ((const float *)p)[i] : __bfloat162float(((const bf16 *)p)[i]);
+}
+
+/* dst = src (or dst += src) across bf16 (ACT) and fp32 (F32); the sum in fp32,
+ * one rounding into dst. */
+static __global__ void convert_kernel(void *dst, int dst_f32, const void *src, int src_f32,
+                                      size_t n, int accumulate) {
+  for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+       i += (size_t)gridDim.x * blockDim.x) {
+    float v = load_kind(src, i, src_f32);
+    if (accumulate) v += load_kind(dst, i, dst_f32);
+    if (dst_f32) ((float *)dst)[i] = v;
+    else ((bf16 *)dst)[i] = __float2bfloat16(v);
+  }
+}
+
+void cu_convert(Backend *be, void *dst, BufKind dk, const void *src, BufKind sk, size_t n,
+                int accumulate) {
+  if (n == 0) return;
+  if (dk == BUF_I32 || sk == BUF_I32) nmoe_fatal("convert: ACT and F32 buffers only");
+  convert_kernel<<<grid_for(be, n), THREADS, 0, cuda_stream(be)>>>(dst, dk == BUF_F32, src,
+                                                                   sk == BUF_F32, n, accumulate);
+  CUDA_LAUNCH_CHECK();
+}
+
 /* ---- sumsq ---- */
 
 #define SUMSQ_BLOCKS_MAX 1024
