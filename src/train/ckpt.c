@@ -282,6 +282,10 @@ done:
 
 int ckpt_save(const char *dir, int rank, int world, const CkptSnapshot *snap, char *err, size_t errlen) {
   if (!ckpt_dir_ok(dir, err, errlen)) return -1;
+  if (world < 1 || rank < 0 || rank >= world) {
+    snprintf(err, errlen, "checkpoint: invalid rank %d of world %d", rank, world);
+    return -1;
+  }
   /* final_timeout 0: the other ranks' files are already written */
   Ckpt c = {.dir = (char *)dir, .rank = rank, .world = world};
   return save_one(&c, snap, err, errlen);

@@ -27,6 +27,7 @@
 #include "model/model.h"
 #include "train/ckpt.h"
 #include "train/ckpt_dir.h"
+#include "train/safetensors.h"
 
 /* Paths are bounded by ckpt_dir_ok; error messages may be cut to errlen. */
 #pragma GCC diagnostic ignored "-Wformat-truncation"
@@ -66,11 +67,6 @@ static void config_from_json(const Json *j, Config *c) {
 #undef GET_STR
 }
 
-static size_t dtype_size(const char *dt) {
-  return !strcmp(dt, "BF16") ? 2 : !strcmp(dt, "F32") || !strcmp(dt, "I32") ? 4
-         : !strcmp(dt, "F64") || !strcmp(dt, "I64") ? 8 : !strcmp(dt, "U8") ? 1 : 0;
-}
-
 /* Tensor name of state kind k of parameter name. */
 static void state_name(char *out, size_t n, int k, const char *name) {
   snprintf(out, n, "%s.%s", PREFIX[k], name);
@@ -84,11 +80,11 @@ static int check_shape(const CkptTensor *t, const char *name, const ParamInfo *p
     snprintf(err, errlen, "source rank %d has no tensor %s (not a checkpoint of its config?)", r, name);
     return -1;
   }
-  int same = t->ndim == p->ndim && dtype_size(t->dtype);
+  int same = t->ndim == p->ndim && st_dtype_size(t->dtype);
   for (int d = 0; same && d < p->ndim; d++) same = t->shape[d] == (d == 0 && rows0 >= 0 ? rows0 : p->shape[d]);
   size_t numel = 1;
   for (int d = 0; same && d < t->ndim; d++) numel *= (size_t)t->shape[d];
-  if (!same || t->nbytes != numel * dtype_size(t->dtype)) {
+  if (!same || t->nbytes != numel * st_dtype_size(t->dtype)) {
     snprintf(err, errlen, "source rank %d: tensor %s has another shape or size than its config gives", r, name);
     return -1;
   }
@@ -280,7 +276,7 @@ static int find_kinds(Reshard *R, char *err, size_t errlen) {
       if (strncmp(l0->t[i].name, PREFIX[k], pl) || l0->t[i].name[pl] != '.') continue;
       R->has[k] = 1;
       snprintf(R->dtype[k], sizeof R->dtype[k], "%s", l0->t[i].dtype);
-      R->esz[k] = dtype_size(l0->t[i].dtype);
+      R->esz[k] = st_dtype_size(l0->t[i].dtype);
     }
   }
   if (!R->has[0] || !R->has[1] || !R->esz[0] || !R->esz[1] || (R->has[2] && !R->esz[2])) {
