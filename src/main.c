@@ -49,7 +49,7 @@ static const Command COMMANDS[] = {
     {"train", train_main, "train a model: nmoe train CONFIG [--key=value ...]"},
     {"data", data_main, "prepare, verify and inspect token shards (prep|verify|info|inspect|regenerate-index)"},
     {"eval", eval_main, "score multiple-choice tasks on a checkpoint: nmoe eval CONFIG [--checkpoint-dir DIR] [--step N]"},
-    {"ckpt", ckpt_main, "inspect checkpoints (list|info|verify)"},
+    {"ckpt", ckpt_main, "inspect checkpoints and move them to another rank count (list|info|verify|reshard)"},
     {"bench", bench_main, "benchmarks printing one JSON line per measurement (tokenizer, train, rdep)"},
     {"launch", launch_main, "run N ranks of a command on this host: nmoe launch -n N [--] CMD [ARGS...]"},
     {"viz", viz_main, "metrics dashboard over HTTP: nmoe viz [--metrics-dir DIR] [--port N]"},
