@@ -16,6 +16,7 @@
  * The source is read whole (every rank file in memory, the dense state
  * assembled once); destination ranks are written one at a time, rank 0 last,
  * since its save finalises the step (manifest, then tracker) as ckpt.c does. */
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -294,8 +295,15 @@ int ckpt_reshard(const char *src, const char *dst, int world, int64_t step, char
     return -1;
   }
   ckpt_iter_path(it, dst, step);
-  if (fs_exists(it)) {
+  char man[CKPT_PATHN + 16];
+  snprintf(man, sizeof man, "%s/manifest.json", it);
+  if (fs_exists(man)) {
     snprintf(err, errlen, "%s already exists: reshard writes a new step (remove it or pick another DST)", it);
+    return -1;
+  }
+  /* No manifest: debris of an interrupted reshard (or save), never a valid step. */
+  if (fs_exists(it) && fs_remove_tree(it)) {
+    snprintf(err, errlen, "cannot remove the unfinished %s: %s", it, strerror(errno));
     return -1;
   }
   if (ckpt_verify_step(src, step, e2, sizeof e2)) {

@@ -82,4 +82,8 @@ cp -r "$T/ck_half" "$T/ck_bad"
 printf 'X' | dd of="$T/ck_bad/iter_0000006/rank_001.safetensors" bs=1 seek=200 conv=notrunc 2>/dev/null
 expect_fail "does not verify" "$T/ck_bad" "$T/ck_x" --world 1
 [ ! -e "$T/ck_w3" ] && [ ! -e "$T/ck_x/iter_0000006" ] || die "a refused reshard wrote files"
+# An unfinished step in DST (no manifest: an interrupted reshard) is debris: replaced.
+mkdir -p "$T/ck_y/iter_0000006" && echo junk >"$T/ck_y/iter_0000006/rank_000.json"
+"$NMOE" ckpt reshard "$T/ck_half" "$T/ck_y" --world 1 >/dev/null 2>&1 || die "reshard over debris failed"
+"$NMOE" ckpt verify "$T/ck_y" >/dev/null || die "reshard over debris does not verify"
 echo "ckpt_reshard e2e ok"
