@@ -455,8 +455,10 @@ CkptLoaded *ckpt_load(const char *dir, int64_t step, int rank, int world, char *
   l->step = step;
   int64_t mw = json_get_int(m, "world", 0);
   if (mw != world) {
-    snprintf(err, errlen, "checkpoint %s was written by %lld rank%s, this run has %d", it, (long long)mw,
-             mw == 1 ? "" : "s", world);
+    snprintf(err, errlen,
+             "checkpoint %s was written by %lld rank%s, this run has %d (`nmoe ckpt reshard SRC DST "
+             "--world %d` rewrites it for %d)",
+             it, (long long)mw, mw == 1 ? "" : "s", world, world, world);
     goto fail;
   }
   snprintf(name, sizeof name, "rank_%03d.safetensors", rank);

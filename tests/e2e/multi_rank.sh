@@ -131,5 +131,5 @@ expect_fail() { # pattern, ranks, extra args...
 }
 expect_fail "must be divisible by the world size" 3 --steps=2 --batch_size=3 --checkpoint_dir="$T/ck_bad"
 expect_fail "use eval_every" 2 --steps=2 --eval_enabled=true --checkpoint_dir="$T/ck_bad"
-expect_fail "written by 2 ranks, this run has 1" 1 --steps=8 --checkpoint_dir="$T/ck_half" --resume
+expect_fail "written by 2 ranks, this run has 1 (.nmoe ckpt reshard SRC DST --world 1" 1 --steps=8 --checkpoint_dir="$T/ck_half" --resume
 echo "multi_rank e2e ok"
