@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 APT_PKGS="build-essential pkg-config libcmocka-dev libssl-dev libsqlite3-dev sqlite3
   libpcre2-dev libutf8proc-dev libzstd-dev zstd python3 python3-numpy python3-yaml
-  python3-torch"  # python3-torch: the PyTorch oracle of the model (tests/torch_ref) on the CPU
+  python3-torch procps"  # python3-torch: the PyTorch oracle (tests/torch_ref) on the CPU; procps: pgrep in tests
 
 missing=""
 for p in $APT_PKGS; do
