@@ -14,39 +14,6 @@
  * the size of the gradient itself). */
 #include "cpu_test_util.h"
 
-typedef double (*Objective)(void *ctx);
-
-/* Central differences of L over x[0..n) (elements with skip[i] set are not
- * checked) against the analytic gradient g; fails the test on a mismatch after
- * printing every bad element. FD_DEBUG=1 in the environment prints the worst
- * error of each check. */
-static void fd_check(const char *what, Objective L, void *ctx, real_t *x, size_t n,
-                     const real_t *g, const unsigned char *skip) {
-  const double eps = 1e-6;
-  double worst = 0, worst_abs = 0;
-  int bad = 0;
-  for (size_t i = 0; i < n; i++) {
-    if (skip && skip[i]) continue;
-    real_t x0 = x[i];
-    x[i] = x0 + eps;
-    double lp = L(ctx);
-    x[i] = x0 - eps;
-    double lm = L(ctx);
-    x[i] = x0;
-    double num = (lp - lm) / (2 * eps), ana = g[i];
-    double err = fabs(num - ana) / fmax(fmax(fabs(num), fabs(ana)), 1e-2);
-    worst = fmax(worst, err);
-    worst_abs = fmax(worst_abs, fabs(num - ana));
-    if (err >= 1e-6) {
-      print_error("%s[%zu]: analytic %.12g numeric %.12g (rel err %.3g)\n", what, i, ana, num, err);
-      bad = 1;
-    }
-  }
-  if (getenv("FD_DEBUG")) print_message("%-14s n=%4zu worst rel err %.3g, abs %.3g\n", what, n, worst,
-                                         worst_abs);
-  if (bad) fail();
-}
-
 /* ------------------------------------------------------------------ gemm */
 
 

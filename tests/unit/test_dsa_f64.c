@@ -19,31 +19,6 @@
 #include "core/rng.h"
 #include "model/model.h"
 
-typedef double (*Objective)(void *ctx);
-
-/* Central differences of L over x[0..n) against g (skip[i] set: not checked). */
-static void fd_check(const char *what, Objective L, void *ctx, real_t *x, size_t n,
-                     const real_t *g, const unsigned char *skip) {
-  const double eps = 1e-6;
-  int bad = 0;
-  for (size_t i = 0; i < n; i++) {
-    if (skip && skip[i]) continue;
-    real_t x0 = x[i];
-    x[i] = x0 + eps;
-    double lp = L(ctx);
-    x[i] = x0 - eps;
-    double lm = L(ctx);
-    x[i] = x0;
-    double num = (lp - lm) / (2 * eps), ana = g[i];
-    double err = fabs(num - ana) / fmax(fmax(fabs(num), fabs(ana)), 1e-2);
-    if (err >= 1e-6) {
-      print_error("%s[%zu]: analytic %.12g numeric %.12g (rel err %.3g)\n", what, i, ana, num, err);
-      bad = 1;
-    }
-  }
-  if (bad) fail();
-}
-
 /* ------------------------------------------------------------ attention over a key list */
 
 /* Random scores [B, T, T] and their top-k lists (the selection under test). */
