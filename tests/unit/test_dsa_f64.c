@@ -18,6 +18,7 @@
 #include "core/config.h"
 #include "core/rng.h"
 #include "model/model.h"
+#include "model_test_util.h"
 
 /* ------------------------------------------------------------ attention over a key list */
 
@@ -318,26 +319,8 @@ static void test_dsa_determinism(void **state) {
 /* ------------------------------------------------------------ whole model */
 
 static void dsa_config(Config *c, const char *mode, int top_k) {
-  config_defaults(c);
-  c->vocab_size = 37;
-  c->eos_token_id = 0;
-  c->dim = 16;
-  c->n_layers = 2;
-  c->n_dense_layers = 1;
-  c->n_heads = 2;
-  c->inter_dim = 24;
-  c->moe_inter_dim = 8;
-  c->n_routed_experts = 4;
-  c->n_activated_experts = 2;
-  c->n_shared_experts = 1;
-  c->q_lora_rank = 12;
-  c->kv_lora_rank = 10;
-  c->qk_nope_head_dim = 6;
-  c->qk_rope_head_dim = 4;
-  c->v_head_dim = 6;
-  c->max_position_embeddings = 64;
+  tiny_model_config(c);
   c->seq_len = 9;
-  c->batch_size = 2;
   c->seed = 77;
   free(c->attn);
   c->attn = strdup("dsa");

@@ -19,6 +19,7 @@
 #include "eval/eval_score.h"
 #include "eval/eval_tasks.h"
 #include "model/model.h"
+#include "model_test_util.h"
 #include "tmpdir_fixture.h"
 
 static void write_file(const char *path, const char *text) {
@@ -257,26 +258,10 @@ static void test_fill_row(void **state) {
 }
 
 static void tiny_config(Config *c) {
-  config_defaults(c);
+  tiny_model_config(c);
   c->vocab_size = 41;
   c->eos_token_id = 3;
   c->loss_mask_eos = false;
-  c->dim = 16;
-  c->n_layers = 2;
-  c->n_dense_layers = 1;
-  c->n_heads = 2;
-  c->inter_dim = 24;
-  c->moe_inter_dim = 8;
-  c->n_routed_experts = 4;
-  c->n_activated_experts = 2;
-  c->n_shared_experts = 1;
-  c->q_lora_rank = 12;
-  c->kv_lora_rank = 10;
-  c->qk_nope_head_dim = 6;
-  c->qk_rope_head_dim = 4;
-  c->v_head_dim = 6;
-  c->max_position_embeddings = 64;
-  c->seq_len = 7;
   c->batch_size = 3;
   c->seed = 77;
 }

@@ -24,31 +24,15 @@
 #include "core/config.h"
 #include "core/rng.h"
 #include "model/model.h"
+#include "model_test_util.h"
 
 typedef double real_t; /* this test links the double-precision CPU backend */
 
 static void tiny_config(Config *c) {
-  config_defaults(c);
-  c->vocab_size = 37;
-  c->eos_token_id = 0;
-  c->dim = 16;
+  tiny_model_config(c);
   c->n_layers = 3;
-  c->n_dense_layers = 1;
-  c->n_heads = 2;
-  c->inter_dim = 24;
-  c->moe_inter_dim = 8;
   c->n_routed_experts = 5;
-  c->n_activated_experts = 2;
-  c->n_shared_experts = 1;
   c->route_scale = 1.7;
-  c->q_lora_rank = 12;
-  c->kv_lora_rank = 10;
-  c->qk_nope_head_dim = 6;
-  c->qk_rope_head_dim = 4;
-  c->v_head_dim = 6;
-  c->max_position_embeddings = 64;
-  c->seq_len = 7;
-  c->batch_size = 2;
   c->embed_scale = 1.3;
   c->logits_scale = 0.9;
   c->seed = 1234;
