@@ -129,6 +129,12 @@ void comm_host_barrier(Comm *c, int timeout_s) {
   if (timeout_s > 0) store_set_timeout(c->store, old);
 }
 
+size_t comm_zero_slice(const Comm *c, size_t n, const char *what) {
+  if (n % (size_t)c->world)
+    nmoe_fatal("%s of %zu elements: not a multiple of the world size %d", what, n, c->world);
+  return n / (size_t)c->world;
+}
+
 /* ---- host sums ---- */
 
 void comm_sum_i64_array(Comm *c, int64_t *x, size_t n) {

@@ -82,6 +82,10 @@ Comm *comm_cuda_open(const DistInfo *di, Backend *be, struct Store *st);
  * long, like rank 0 finishing a large checkpoint. */
 void comm_host_barrier(Comm *c, int timeout_s);
 
+/* Slice length n / world of a ZeRO collective over n elements; fatal with one
+ * line when n is not a multiple of the world size (transports call it). */
+size_t comm_zero_slice(const Comm *c, size_t n, const char *what);
+
 /* Host helpers over all_gather_host (same result on every rank). */
 int64_t comm_sum_i64(Comm *c, int64_t x);
 double comm_sum_f64(Comm *c, double x);   /* summed in rank order */

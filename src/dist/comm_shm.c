@@ -199,16 +199,9 @@ static void shm_all_reduce(Comm *c, void *buf, size_t n, BufKind kind) {
     SUM_SLOTS(double, buf, s->scratch.base, s->scratch.slot, c->world, n);
 }
 
-static size_t shm_slice(Comm *c, size_t n, const char *what) {
-  if (n % (size_t)c->world)
-    nmoe_fatal("%s of %zu elements: not a multiple of the world size %d", what, n,
-               c->world);
-  return n / (size_t)c->world;
-}
-
 static void shm_reduce_scatter(Comm *c, void *buf, size_t n, BufKind kind) {
   ShmState *s = c->impl;
-  size_t len = shm_slice(c, n, "reduce_scatter");
+  size_t len = comm_zero_slice(c, n, "reduce_scatter");
   size_t es = shm_stage(c, buf, n, kind, "reduce_scatter"), at = (size_t)c->rank * len * es;
   unsigned char *dst = (unsigned char *)buf + at;
   if (es == 4)
@@ -219,7 +212,7 @@ static void shm_reduce_scatter(Comm *c, void *buf, size_t n, BufKind kind) {
 
 static void shm_all_gather(Comm *c, void *buf, size_t n, BufKind kind) {
   ShmState *s = c->impl;
-  size_t len = shm_slice(c, n, "all_gather");
+  size_t len = comm_zero_slice(c, n, "all_gather");
   size_t es = shm_stage(c, buf, n, kind, "all_gather");
   for (int r = 0; es && r < c->world; r++)
     if (r != c->rank)

@@ -262,18 +262,10 @@ static void cc_all_reduce(Comm *c, void *buf, size_t n, BufKind kind) {
   NCCL_CHECK(ncclAllReduce(buf, buf, n, t, ncclSum, k->nccl, k->stream));
 }
 
-/* Slice length of a ZeRO collective over n elements; in place, NCCL wants
- * this rank's slice at buf + rank * len. */
-static size_t zero_slice(Comm *c, size_t n, const char *what) {
-  if (n % (size_t)c->world)
-    nmoe_fatal("comm cuda: %s of %zu elements: not a multiple of the world size %d", what, n,
-               c->world);
-  return n / (size_t)c->world;
-}
-
+/* In place, NCCL wants this rank's slice at buf + rank * len (both ZeRO ops). */
 static void cc_reduce_scatter(Comm *c, void *buf, size_t n, BufKind kind) {
   ncclDataType_t t = nccl_type(c, kind, n, "reduce_scatter");
-  size_t len = zero_slice(c, n, "reduce_scatter");
+  size_t len = comm_zero_slice(c, n, "reduce_scatter");
   if (len == 0) return;
   CudaComm *k = impl(c);
   char *mine = (char *)buf + (size_t)c->rank * len * c->be->size[kind];
@@ -282,7 +274,7 @@ static void cc_reduce_scatter(Comm *c, void *buf, size_t n, BufKind kind) {
 
 static void cc_all_gather(Comm *c, void *buf, size_t n, BufKind kind) {
   ncclDataType_t t = nccl_type(c, kind, n, "all_gather");
-  size_t len = zero_slice(c, n, "all_gather");
+  size_t len = comm_zero_slice(c, n, "all_gather");
   if (len == 0) return;
   CudaComm *k = impl(c);
   const char *mine = (const char *)buf + (size_t)c->rank * len * c->be->size[kind];
